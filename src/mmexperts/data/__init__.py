@@ -1,0 +1,1 @@
+"""Datasets for mmexperts: procedurally generated image-text tasks."""

@@ -1,0 +1,131 @@
+"""``VisionTextModelForClassification``: two frozen-able ``AutoModel`` towers and a classification head."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from huggingface_hub.dataclasses import strict
+from torch import nn
+from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedModel
+from transformers.configuration_utils import SubConfigSpec
+from transformers.loss.loss_utils import ForSequenceClassificationLoss
+from transformers.utils import ModelOutput
+
+from .towers import find_towers
+
+CLASSIFIER_INPUTS = ("concat", "vision", "text")
+
+
+@strict
+class VisionTextClassificationConfig(PreTrainedConfig):
+    """Config of :class:`VisionTextModelForClassification`: the two towers' configs and the head.
+
+    ``classifier_input`` chooses the features the head reads: both pooled towers concatenated (late fusion), or one
+    tower only (as MoPE does with its prompted tower). ``num_labels`` and ``problem_type`` keep transformers'
+    semantics: regression, single-label or multi-label classification.
+    """
+
+    model_type = "vision-text-classification"
+    sub_configs_defaults = {
+        "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="vit"),
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="bert"),
+    }
+
+    vision_config: PreTrainedConfig | dict | None = None
+    text_config: PreTrainedConfig | dict | None = None
+    classifier_input: str = "concat"
+    classifier_dropout: float = 0.0
+
+    def validate_classifier_input(self):
+        if self.classifier_input not in CLASSIFIER_INPUTS:
+            raise ValueError(f"classifier_input must be one of {CLASSIFIER_INPUTS}, got {self.classifier_input!r}.")
+
+    @classmethod
+    def from_vision_text_configs(cls, vision_config: PreTrainedConfig, text_config: PreTrainedConfig, **kwargs):
+        """Build the config from the two towers' configs."""
+        return cls(vision_config=vision_config.to_dict(), text_config=text_config.to_dict(), **kwargs)
+
+
+@dataclass
+class VisionTextClassifierOutput(ModelOutput):
+    """Classifier output; ``aux_loss`` and ``routing_weights`` are filled by mixture-of-experts adapters."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    vision_embeds: torch.Tensor | None = None
+    text_embeds: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+    routing_weights: torch.Tensor | dict | None = None
+
+
+class VisionTextModelForClassification(PreTrainedModel):
+    """A vision tower and a text tower (any ``AutoModel``), pooled, and a linear head over their features."""
+
+    config_class = VisionTextClassificationConfig
+    config: VisionTextClassificationConfig
+    base_model_prefix = "vision_text"
+    main_input_name = "pixel_values"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+
+    def __init__(self, config: VisionTextClassificationConfig, vision_model: PreTrainedModel | None = None,
+                 text_model: PreTrainedModel | None = None):
+        super().__init__(config)
+        self.vision_model = vision_model if vision_model is not None else AutoModel.from_config(config.vision_config)
+        self.text_model = text_model if text_model is not None else AutoModel.from_config(config.text_config)
+        self.vision_model.config = config.vision_config
+        self.text_model.config = config.text_config
+        sizes = {"vision": config.vision_config.hidden_size, "text": config.text_config.hidden_size}
+        in_features = sum(sizes.values()) if config.classifier_input == "concat" else sizes[config.classifier_input]
+        self.dropout = nn.Dropout(config.classifier_dropout)
+        self.classifier = nn.Linear(in_features, config.num_labels)
+        self.post_init()
+
+    @classmethod
+    def from_vision_text_configs(cls, vision_config: PreTrainedConfig, text_config: PreTrainedConfig, **kwargs):
+        """A randomly initialised model from the two towers' configs; ``kwargs`` go to the config (``num_labels``...)."""
+        return cls(VisionTextClassificationConfig.from_vision_text_configs(vision_config, text_config, **kwargs))
+
+    @classmethod
+    def from_vision_text_pretrained(cls, vision_model_name_or_path: str, text_model_name_or_path: str,
+                                    **kwargs) -> "VisionTextModelForClassification":
+        """Pretrained towers from the Hub or local folders, with a new head.
+
+        ``vision_*`` / ``text_*`` keyword arguments go to each tower's ``AutoModel.from_pretrained`` (e.g.
+        ``vision_revision``); the rest (``num_labels``, ``problem_type``, ``classifier_input``) go to the config.
+        """
+        tower_kwargs = {"vision": {}, "text": {}}
+        for key in [k for k in kwargs if k.startswith(("vision_", "text_"))]:
+            modality, _, name = key.partition("_")
+            tower_kwargs[modality][name] = kwargs.pop(key)
+        vision_model = AutoModel.from_pretrained(vision_model_name_or_path, **tower_kwargs["vision"])
+        text_model = AutoModel.from_pretrained(text_model_name_or_path, **tower_kwargs["text"])
+        config = VisionTextClassificationConfig.from_vision_text_configs(vision_model.config, text_model.config,
+                                                                         **kwargs)
+        return cls(config, vision_model=vision_model, text_model=text_model)
+
+    def forward(self, pixel_values: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                return_dict: bool | None = None, **kwargs) -> VisionTextClassifierOutput | tuple:
+        if pixel_values is None or input_ids is None:
+            missing = [n for n, v in (("pixel_values", pixel_values), ("input_ids", input_ids)) if v is None]
+            raise ValueError(f"VisionTextModelForClassification needs both modalities; missing {missing}.")
+        towers = find_towers(self)
+        text_inputs = towers["text"].select_inputs({"input_ids": input_ids, "attention_mask": attention_mask,
+                                                    "token_type_ids": token_type_ids, "position_ids": position_ids})
+        vision_embeds = towers["vision"].pool(self.vision_model(pixel_values=pixel_values))
+        text_embeds = towers["text"].pool(self.text_model(**text_inputs))
+        features = {"vision": vision_embeds, "text": text_embeds,
+                    "concat": torch.cat([vision_embeds, text_embeds], -1)}[self.config.classifier_input]
+        logits = self.classifier(self.dropout(features))
+        loss = ForSequenceClassificationLoss(labels, logits, self.config) if labels is not None else None
+        output = VisionTextClassifierOutput(loss=loss, logits=logits, vision_embeds=vision_embeds,
+                                            text_embeds=text_embeds)
+        return output if return_dict is not False else output.to_tuple()
+
+
+AutoConfig.register(VisionTextClassificationConfig.model_type, VisionTextClassificationConfig, exist_ok=True)
+AutoModel.register(VisionTextClassificationConfig, VisionTextModelForClassification, exist_ok=True)

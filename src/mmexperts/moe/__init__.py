@@ -1,0 +1,6 @@
+"""The mixture-of-experts core shared by MoPE, S3 and Alt-MoE: routing, expert combination and auxiliary losses."""
+
+from .losses import cv_squared, importance_loss, switch_balance_loss, z_loss
+from .router import Router, RouterOutput, top_k_weights
+
+__all__ = ["Router", "RouterOutput", "top_k_weights", "cv_squared", "importance_loss", "switch_balance_loss", "z_loss"]

@@ -1,0 +1,66 @@
+"""A router: scores a query against expert keys and turns the scores into mixture weights."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class RouterOutput:
+    """Raw logits (after temperature and noise) and the mixture weights over experts (rows sum to one)."""
+
+    logits: torch.Tensor
+    weights: torch.Tensor
+
+
+def top_k_weights(weights: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep each row's ``k`` largest weights, renormalised to sum to one; the others become exactly zero."""
+    if not 1 <= k <= weights.shape[-1]:
+        raise ValueError(f"top_k must be between 1 and the number of experts ({weights.shape[-1]}), got {k}.")
+    if k == weights.shape[-1]:
+        return weights
+    values, indices = weights.topk(k, dim=-1)
+    sparse = torch.zeros_like(weights).scatter(-1, indices, values)
+    return sparse / sparse.sum(-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
+
+
+class Router(nn.Module):
+    """``weights = softmax(query @ keys / temperature + noise)``, optionally restricted to the top-k experts.
+
+    Keys are either learned, or frozen and orthogonally initialised (MoPE's "routing embeddings", kept as a buffer so
+    that no optimiser or adapter toggle ever trains them). Gaussian noise of ``noise_std`` is added in training only.
+    """
+
+    def __init__(self, query_dim: int, num_experts: int, temperature: float = 1.0, noise_std: float = 0.0,
+                 top_k: int | None = None, learn_keys: bool = False):
+        super().__init__()
+        if num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {num_experts}.")
+        if temperature <= 0:
+            raise ValueError(f"router temperature must be > 0, got {temperature}.")
+        if noise_std < 0:
+            raise ValueError(f"router noise_std must be >= 0, got {noise_std}.")
+        if top_k is not None and not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k must be between 1 and num_experts={num_experts}, got {top_k}.")
+        self.num_experts = num_experts
+        self.temperature = temperature
+        self.noise_std = noise_std
+        self.top_k = top_k
+        keys = torch.empty(query_dim, num_experts)
+        nn.init.orthogonal_(keys)
+        if learn_keys:
+            self.keys = nn.Parameter(keys)
+        else:
+            self.register_buffer("keys", keys)
+
+    def forward(self, query: torch.Tensor) -> RouterOutput:
+        logits = query @ self.keys.to(query.dtype) / self.temperature
+        if self.training and self.noise_std > 0:
+            logits = logits + torch.randn_like(logits) * self.noise_std
+        weights = logits.softmax(-1)
+        if self.top_k is not None:
+            weights = top_k_weights(weights, self.top_k)
+        return RouterOutput(logits, weights)

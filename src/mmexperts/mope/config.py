@@ -1,0 +1,83 @@
+"""Configuration of MoPE adapters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from peft import PeftConfig
+
+from ..registry import MMExpertsPeftType
+
+TOWERS = ("vision", "text")
+
+
+@dataclass
+class MoPEConfig(PeftConfig):
+    """Mixture of Prompt Experts: routed, instance-level prompts in every block of a frozen tower.
+
+    The complementary tower is encoded first (with small deep prompts of its own); its [CLS] feature conditions a
+    router in each block of the prompted tower, which mixes ``num_experts`` prompt experts into an instance-level
+    dynamic prompt, joined by a dataset-level static prompt and a prompt mapped from the complementary feature.
+    Defaults follow the official code (K=4, l=6, T=0.1, w_imp=0.01, hinge 0.1).
+    """
+
+    prompted_tower: str = field(default="vision", metadata={"help": "Tower that receives routed prompts: 'vision' or 'text'."})
+    num_experts: int = field(default=4, metadata={"help": "Prompt experts per routed block (K)."})
+    prompt_length: int = field(default=6, metadata={"help": "Tokens of the dynamic (routed) prompt."})
+    static_prompt_length: int = field(default=6, metadata={"help": "Tokens of the dataset-level static prompt; 0 disables it."})
+    mapped_prompt_length: int = field(default=1, metadata={"help": "Tokens mapped from the complementary feature; 0 disables."})
+    mapper_hidden_size: int = field(default=384, metadata={"help": "Hidden width of the two-layer mapper MLP."})
+    complementary_prompt_length: int = field(
+        default=4, metadata={"help": "Deep prompt tokens in every block of the complementary tower; 0 disables them."})
+    router_temperature: float = field(default=0.1, metadata={"help": "Softmax temperature of the router (T)."})
+    router_noise_std: float = field(default=1 / 256, metadata={"help": "Std of Gaussian logit noise, training only."})
+    router_self_dim: int = field(default=2, metadata={"help": "Query size projected from the block's own tokens."})
+    router_cross_dim: int = field(default=8, metadata={"help": "Query size projected from the complementary feature."})
+    importance_loss_weight: float = field(default=0.01, metadata={"help": "Weight of the importance loss in `loss`."})
+    importance_threshold: float = field(default=0.1, metadata={"help": "CV² at or below which the loss is zero."})
+    routed_layers: list[int] | None = field(
+        default=None, metadata={"help": "Indices of the prompted tower's blocks that get routed prompts; None = all."})
+    prompt_dropout: float = field(default=0.1, metadata={"help": "Dropout on prompts in training."})
+    init_weights: bool = field(
+        default=True, metadata={"help": "True: zero-init prompt gates, the adapter starts as an exact identity; "
+                                        "False: random gates (for tests)."})
+    target_modules: list[str] | str | None = field(
+        default=None, metadata={"help": "Filled automatically with the towers' block names."})
+    exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "Blocks to leave untouched."})
+    target_parameters: list[str] | None = field(default=None, metadata={"help": "Unused; required by PEFT."})
+    modules_to_save: list[str] | None = field(
+        default=None, metadata={"help": "Extra trainable modules; the classifier head is added automatically."})
+    vision_hidden_size: int | None = field(default=None, metadata={"help": "Recorded at injection; checked on load."})
+    text_hidden_size: int | None = field(default=None, metadata={"help": "Recorded at injection; checked on load."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = MMExpertsPeftType.MOPE
+        if self.prompted_tower not in TOWERS:
+            raise ValueError(f"prompted_tower must be one of {TOWERS}, got {self.prompted_tower!r}.")
+        for name in ("num_experts", "prompt_length"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        for name in ("static_prompt_length", "mapped_prompt_length", "complementary_prompt_length",
+                     "router_self_dim", "router_cross_dim", "mapper_hidden_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}.")
+        if self.router_self_dim + self.router_cross_dim < 1:
+            raise ValueError("router_self_dim + router_cross_dim must be at least 1; the router needs a query.")
+        if self.router_temperature <= 0:
+            raise ValueError(f"router_temperature must be > 0, got {self.router_temperature}.")
+        if self.router_noise_std < 0:
+            raise ValueError(f"router_noise_std must be >= 0, got {self.router_noise_std}.")
+        if not 0 <= self.prompt_dropout < 1:
+            raise ValueError(f"prompt_dropout must be in [0, 1), got {self.prompt_dropout}.")
+        if self.importance_loss_weight < 0:
+            raise ValueError(f"importance_loss_weight must be >= 0, got {self.importance_loss_weight}.")
+        if isinstance(self.target_modules, set):
+            self.target_modules = sorted(self.target_modules)
+
+    @property
+    def complementary_tower(self) -> str:
+        """The tower whose feature conditions the routed prompts."""
+        return "text" if self.prompted_tower == "vision" else "vision"

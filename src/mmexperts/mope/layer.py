@@ -1,0 +1,167 @@
+"""MoPE block wrapper: builds the static, routed and mapped prompts of one block and hands them to its attention."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from ..moe import Router, importance_loss
+from ..prefix import PREFIX_KWARG, PrefixAttention
+from ..towers import key_padding_mask
+from .config import MoPEConfig
+
+ROUTED, DEEP = "routed", "deep"
+
+
+@dataclass
+class MoPEForwardState:
+    """Per-call state shared by the blocks of one model: the complementary feature, mapped prompts, routing records."""
+
+    complementary: torch.Tensor | None = None
+    mapped: dict = field(default_factory=dict)
+    routing: dict = field(default_factory=dict)
+    aux_losses: dict = field(default_factory=dict)
+
+    def reset(self) -> None:
+        self.complementary = None
+        self.mapped, self.routing, self.aux_losses = {}, {}, {}
+
+
+def _prompt_init(hidden_size: int) -> float:
+    return math.sqrt(6.0 / (3 * 16 * 16 + hidden_size))  # VPT's uniform bound for 16x16 patches
+
+
+class MoPELayer(nn.Module, BaseTunerLayer):
+    """Wraps one frozen transformer block. ``routed`` blocks (prompted tower) build ``[static; dynamic; mapped]``
+    prompts, the dynamic one a router-weighted sum of prompt experts; ``deep`` blocks (complementary tower) use plain
+    deep prompts. Prompts are prefix keys/values of the block's self-attention behind a zero-init per-head gate."""
+
+    adapter_layer_names = ("mope_static", "mope_experts", "mope_self_proj", "mope_cross_proj", "mope_router",
+                           "mope_mapper", "mope_gate")
+    other_param_names = ("mope_role", "mope_settings")
+
+    def __init__(self, base_layer: nn.Module, state: MoPEForwardState, complementary_size: int, **kwargs):
+        super().__init__()
+        self.base_layer = base_layer
+        self._prefix = PrefixAttention(base_layer)
+        self._state = state
+        anatomy = self._prefix.anatomy
+        self.hidden_size = anatomy.key.in_features
+        self.num_heads = anatomy.num_heads
+        self.in_features = self.out_features = self.hidden_size
+        self.complementary_size = complementary_size
+        for name in self.adapter_layer_names:
+            setattr(self, name, nn.ParameterDict() if name in ("mope_static", "mope_experts", "mope_gate")
+                    else nn.ModuleDict())
+        self.mope_role: dict[str, str] = {}
+        self.mope_settings: dict[str, dict] = {}
+        self._disable_adapters = False
+        self.merged_adapters = []
+
+    def update_layer(self, adapter_name: str, config: MoPEConfig, role: str, owns_mapper: bool) -> None:
+        """Create the prompts (and router, mapper) of one adapter in this block."""
+        device = next(self.base_layer.parameters()).device
+        d, bound = self.hidden_size, _prompt_init(self.hidden_size)
+
+        def prompts(*shape):
+            return nn.Parameter(torch.empty(*shape, d, device=device).uniform_(-bound, bound))
+
+        self.mope_role[adapter_name] = role
+        static_length = config.static_prompt_length if role == ROUTED else config.complementary_prompt_length
+        if static_length:
+            self.mope_static[adapter_name] = prompts(static_length)
+        if role == ROUTED:
+            self.mope_experts[adapter_name] = prompts(config.num_experts, config.prompt_length)
+            if config.router_self_dim:
+                self.mope_self_proj[adapter_name] = nn.Linear(d, config.router_self_dim, device=device)
+            if config.router_cross_dim:
+                self.mope_cross_proj[adapter_name] = nn.Linear(self.complementary_size, config.router_cross_dim,
+                                                               device=device)
+            self.mope_router[adapter_name] = Router(config.router_self_dim + config.router_cross_dim,
+                                                    config.num_experts, config.router_temperature,
+                                                    config.router_noise_std).to(device)
+            if owns_mapper and config.mapped_prompt_length:
+                self.mope_mapper[adapter_name] = nn.Sequential(
+                    nn.Linear(self.complementary_size, config.mapper_hidden_size), nn.GELU(),
+                    nn.Linear(config.mapper_hidden_size, config.mapped_prompt_length * d), nn.GELU(),
+                ).to(device)
+        gate = torch.zeros(self.num_heads, device=device)
+        if not config.init_weights:
+            gate.normal_(0.0, 1.0)
+        self.mope_gate[adapter_name] = nn.Parameter(gate)
+        self.mope_settings[adapter_name] = {
+            "mapped_prompt_length": config.mapped_prompt_length if role == ROUTED else 0,
+            "importance_threshold": config.importance_threshold,
+            "prompt_dropout": config.prompt_dropout,
+        }
+        self.set_adapter(self.active_adapters)
+
+    def unload_and_optionally_merge_module(self, merge: bool, safe_merge: bool, adapter_names) -> nn.Module:
+        """Prompts depend on each input, so they cannot be merged into weights; unloading returns the frozen block."""
+        if merge:
+            raise NotImplementedError("MoPE prompts are input-dependent and cannot be merged; use `unload()` instead.")
+        self._prefix.remove()
+        return self.base_layer
+
+    def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
+        raise NotImplementedError("MoPE prompts are input-dependent and cannot be merged into the block's weights; "
+                                  "keep the adapter attached or call `unload()`.")
+
+    def unmerge(self) -> None:
+        raise NotImplementedError("MoPE adapters are never merged, so there is nothing to unmerge.")
+
+    def _routed_prompts(self, name: str, hidden_states: torch.Tensor, attention_mask) -> torch.Tensor:
+        complementary = self._state.complementary
+        if complementary is None:
+            raise RuntimeError(
+                "A MoPE routed block ran without the complementary tower's feature. Call the model through its "
+                "PeftModel with both modalities, e.g. model(pixel_values=..., input_ids=..., attention_mask=...)."
+            )
+        batch, length, _ = hidden_states.shape
+        queries = []
+        if name in self.mope_self_proj:
+            real = key_padding_mask(attention_mask, length, batch, hidden_states.device).to(hidden_states.dtype)
+            context = (hidden_states * real[..., None]).sum(1) / real.sum(1, keepdim=True).clamp_min(1)
+            queries.append(self.mope_self_proj[name](context.to(self.mope_self_proj[name].weight.dtype)))
+        if name in self.mope_cross_proj:
+            queries.append(self.mope_cross_proj[name](complementary.to(self.mope_cross_proj[name].weight.dtype)))
+        routing = self.mope_router[name](torch.cat(queries, -1)).weights
+        self._state.routing.setdefault(name, []).append(routing)
+        threshold = self.mope_settings[name]["importance_threshold"]
+        self._state.aux_losses.setdefault(name, []).append(importance_loss(routing, threshold))
+
+        parts = []
+        if name in self.mope_static:
+            parts.append(self.mope_static[name].expand(batch, -1, -1))
+        parts.append(torch.einsum("bk,kpd->bpd", routing, self.mope_experts[name]))
+        mapped_length = self.mope_settings[name]["mapped_prompt_length"]
+        if mapped_length:
+            if name in self.mope_mapper:
+                self._state.mapped[name] = self.mope_mapper[name](complementary).view(batch, mapped_length, -1)
+            parts.append(self._state.mapped[name])
+        return torch.cat(parts, 1)
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        if self.disable_adapters:
+            return self.base_layer(hidden_states, *args, **kwargs)
+        attention_mask = args[0] if args else kwargs.get("attention_mask")
+        prefixes = list(kwargs.pop(PREFIX_KWARG, None) or [])
+        for name in self.active_adapters:
+            if name not in self.mope_gate:
+                continue
+            if self.mope_role[name] == ROUTED:
+                prompts = self._routed_prompts(name, hidden_states, attention_mask)
+            else:
+                prompts = self.mope_static[name].expand(hidden_states.shape[0], -1, -1)
+            prompts = nn.functional.dropout(prompts, self.mope_settings[name]["prompt_dropout"], self.training)
+            prefixes.append((prompts, self.mope_gate[name]))
+        if prefixes:
+            kwargs[PREFIX_KWARG] = prefixes
+        return self.base_layer(hidden_states, *args, **kwargs)
+
+    def __repr__(self) -> str:
+        return "mope." + super().__repr__()
