@@ -4,6 +4,8 @@ Importing the package registers its PEFT types (``MOPE``, ``S3``, ``ALTMOE``) wi
 ``PeftModel.from_pretrained`` and ``AutoPeftModel`` handle its adapters like built-in ones.
 """
 
+from . import hub
+from .hub import push_adapter_to_hub, write_model_card
 from .modeling import VisionTextClassificationConfig, VisionTextClassifierOutput, VisionTextModelForClassification
 from .mope import MoPEConfig, MoPELayer, MoPEModel
 from .registry import MMExpertsPeftType, register_method
@@ -16,5 +18,5 @@ __version__ = "0.1.0"
 __all__ = [
     "MMExpertsPeftType", "MoPEConfig", "MoPELayer", "MoPEModel", "Tower", "TowerDiscoveryError",
     "VisionTextClassificationConfig", "VisionTextClassifierOutput", "VisionTextModelForClassification",
-    "find_towers", "register_method",
+    "find_towers", "hub", "push_adapter_to_hub", "register_method", "write_model_card",
 ]

@@ -30,7 +30,8 @@ BACKGROUNDS: tuple[str, ...] = ("black", "gray")
 
 ENTAILMENT_LABELS: list[str] = ["contradiction", "entailment"]
 MULTILABEL_NAMES: list[str] = ["circle", "square", "triangle", "top", "bottom", "left", "right"]
-MULTILABEL_TEMPLATES: tuple[str, ...] = ("the {colour} shapes", "find the {colour} shapes", "where are the {colour} shapes")
+MULTILABEL_TEMPLATES: tuple[str, ...] = ("the {colour} shapes", "find the {colour} shapes",
+                                         "where are the {colour} shapes")
 MAX_CAPTIONS_PER_IMAGE = 5
 TASKS: tuple[str, ...] = ("entailment", "multilabel", "retrieval")
 SPECIAL_TOKENS: tuple[str, ...] = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -344,8 +345,9 @@ def _entailment(num_examples: int, rng: np.random.Generator, image_size: int, ma
     order = rng.permutation(num_examples)
     features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string"),
                                   "label": datasets.ClassLabel(names=ENTAILMENT_LABELS)})
-    info = datasets.DatasetInfo(features=features, description="Synthetic visual entailment: does the caption hold for the image? "
-                                "Each caption text and each image occurs equally often as true and as false.")
+    info = datasets.DatasetInfo(features=features, description=(
+        "Synthetic visual entailment: does the caption hold for the image? "
+        "Each caption text and each image occurs equally often as true and as false."))
     return datasets.Dataset.from_dict(
         {"image": [images[i] for i in order], "text": [texts[i] for i in order],
          "label": [labels[i] for i in order]}, features=features, info=info)
@@ -378,9 +380,9 @@ def _multilabel(num_examples: int, rng: np.random.Generator, image_size: int, ma
     features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string"),
                                   "labels": datasets.Sequence(datasets.Value("float32"),
                                                               length=len(MULTILABEL_NAMES))})
-    info = datasets.DatasetInfo(features=features, description="Synthetic multi-label: for the objects of the colour named in the text, "
-                                "labels " + ", ".join(MULTILABEL_NAMES) + " (shape present; in top row, bottom row, "
-                                "left column, right column).")
+    info = datasets.DatasetInfo(features=features, description=(
+        "Synthetic multi-label: for the objects of the colour named in the text, labels "
+        + ", ".join(MULTILABEL_NAMES) + " (shape present; in top row, bottom row, left column, right column)."))
     return datasets.Dataset.from_dict({"image": images, "text": texts, "labels": labels},
                                       features=features, info=info)
 
@@ -405,8 +407,9 @@ def _retrieval(num_examples: int, rng: np.random.Generator, image_size: int, max
         ids.append(id_offset + i)
     features = datasets.Features({"image": datasets.Image(), "captions": datasets.Sequence(datasets.Value("string")),
                                   "image_id": datasets.Value("int64")})
-    info = datasets.DatasetInfo(features=features, description="Synthetic caption <-> image retrieval: distinct scenes, each with "
-                                f"{captions_per_image} distinct true captions.")
+    info = datasets.DatasetInfo(features=features, description=(
+        "Synthetic caption <-> image retrieval: distinct scenes, each with "
+        f"{captions_per_image} distinct true captions."))
     return datasets.Dataset.from_dict({"image": images, "captions": captions, "image_id": ids},
                                       features=features, info=info)
 

@@ -117,7 +117,7 @@ class MoPELayer(nn.Module, BaseTunerLayer):
     def _routed_prompts(self, name: str, hidden_states: torch.Tensor, attention_mask) -> torch.Tensor:
         complementary = self._state.complementary
         if complementary is None:
-            raise RuntimeError(
+            raise ValueError(
                 "A MoPE routed block ran without the complementary tower's feature. Call the model through its "
                 "PeftModel with both modalities, e.g. model(pixel_values=..., input_ids=..., attention_mask=...)."
             )

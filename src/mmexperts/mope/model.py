@@ -140,3 +140,15 @@ class MoPEModel(BaseTuner):
             weight = max(self.peft_config[name].importance_loss_weight for name in names)
             output["loss"] = output["loss"] + weight * aux.to(output["loss"].dtype)
         return output
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config: MoPEConfig, adapter_name: str,
+                                           state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        for key, tensor in state_dict.items():
+            if "mope_experts" in key and tuple(tensor.shape[:2]) != (config.num_experts, config.prompt_length):
+                raise ValueError(
+                    f"The saved adapter has {tensor.shape[0]} prompt experts of {tensor.shape[1]} tokens per block "
+                    f"({key}), but the config asks for num_experts={config.num_experts}, "
+                    f"prompt_length={config.prompt_length}. Load it with its own adapter_config.json (omit `config=`)."
+                )
+        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)

@@ -1,0 +1,131 @@
+"""Shared fixtures: tiny two-tower models built from configs (no downloads) and padded batches."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="mmexperts-hf-home-")  # tests never touch a real cache
+
+import pytest
+import torch
+from transformers import (BertConfig, CLIPConfig, CLIPModel, SiglipConfig, SiglipModel, ViTConfig,
+                          VisionTextDualEncoderConfig, VisionTextDualEncoderModel)
+
+import mmexperts  # noqa: F401  (registers the PEFT types)
+from mmexperts import VisionTextModelForClassification
+
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+
+IMAGE_SIZE, VOCAB, HIDDEN = 30, 99, 32
+
+
+def vit_config(**overrides) -> ViTConfig:
+    kwargs = dict(hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                  image_size=IMAGE_SIZE, patch_size=6, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return ViTConfig(**{**kwargs, **overrides})
+
+
+def bert_config(**overrides) -> BertConfig:
+    kwargs = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4,
+                  intermediate_size=37, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                  attention_probs_dropout_prob=0.0)
+    return BertConfig(**{**kwargs, **overrides})
+
+
+def make_classifier(num_labels: int = 3, **config_kwargs) -> VisionTextModelForClassification:
+    torch.manual_seed(0)
+    return VisionTextModelForClassification.from_vision_text_configs(vit_config(), bert_config(),
+                                                                     num_labels=num_labels, **config_kwargs).eval()
+
+
+def make_dual_encoder() -> VisionTextDualEncoderModel:
+    torch.manual_seed(0)
+    config = VisionTextDualEncoderConfig.from_vision_text_configs(vit_config(), bert_config(), projection_dim=16)
+    return VisionTextDualEncoderModel(config).eval()
+
+
+def make_clip() -> CLIPModel:
+    torch.manual_seed(0)
+    text = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                max_position_embeddings=64, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+    vision = dict(hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                  image_size=IMAGE_SIZE, patch_size=6)
+    return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).eval()
+
+
+def make_siglip() -> SiglipModel:
+    torch.manual_seed(0)
+    text = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                max_position_embeddings=64, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+    vision = dict(hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                  image_size=IMAGE_SIZE, patch_size=6)
+    return SiglipModel(SiglipConfig(text_config=text, vision_config=vision)).eval()
+
+
+MODEL_FACTORIES = {"classifier": make_classifier, "dual_encoder": make_dual_encoder, "clip": make_clip,
+                   "siglip": make_siglip}
+
+
+def make_batch(batch_size: int = 4, seq_len: int = 9, seed: int = 0, with_labels: bool = True) -> dict:
+    """A padded batch: row i keeps ``seq_len - i`` real tokens (CLIP's EOS id 2 ends each row), the rest is padding."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(5, VOCAB, (batch_size, seq_len), generator=generator)
+    attention_mask = torch.ones(batch_size, seq_len, dtype=torch.long)
+    for row in range(batch_size):
+        real = max(seq_len - row, 2)
+        input_ids[row, real - 1] = 2
+        input_ids[row, real:] = 1
+        attention_mask[row, real:] = 0
+    batch = {"pixel_values": torch.randn(batch_size, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator),
+             "input_ids": input_ids, "attention_mask": attention_mask}
+    if with_labels:
+        batch["labels"] = torch.randint(0, 3, (batch_size,), generator=generator)
+    return batch
+
+
+@pytest.fixture
+def batch() -> dict:
+    return make_batch()
+
+
+class FakeHub:
+    """Intercepts Hub uploads: each upload lands as a snapshot in the local Hub cache, so that loading by repo id
+    with ``HF_HUB_OFFLINE=1`` finds it through huggingface_hub's real cache resolution."""
+
+    def __init__(self):
+        self.uploads: list[dict] = []
+
+    def create_repo(self, repo_id, *args, **kwargs):
+        from huggingface_hub import RepoUrl
+        return RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def upload_folder(self, *args, repo_id, folder_path, **kwargs):
+        import hashlib
+        import shutil
+        from pathlib import Path
+
+        from huggingface_hub import constants
+
+        files = {p.relative_to(folder_path).as_posix(): p.read_bytes() for p in Path(folder_path).rglob("*")
+                 if p.is_file()}
+        commit = hashlib.sha1(repr(sorted(files.items())).encode()).hexdigest()
+        repo_dir = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
+        snapshot = repo_dir / "snapshots" / commit
+        shutil.copytree(folder_path, snapshot, dirs_exist_ok=True)
+        (repo_dir / "refs").mkdir(parents=True, exist_ok=True)
+        (repo_dir / "refs" / "main").write_text(commit)
+        self.uploads.append({"repo_id": repo_id, "files": files, "kwargs": kwargs})
+        return f"https://huggingface.co/{repo_id}/commit/{commit}"
+
+
+@pytest.fixture
+def fake_hub(monkeypatch) -> FakeHub:
+    from huggingface_hub import HfApi
+
+    hub = FakeHub()
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, *a, **k: hub.create_repo(repo_id))
+    monkeypatch.setattr(HfApi, "upload_folder", lambda self, *a, **k: hub.upload_folder(*a, **k))
+    return hub
