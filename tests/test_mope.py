@@ -116,11 +116,22 @@ def test_routed_layers_subset_and_no_complementary_prompts():
     model = peft.get_peft_model(make_classifier(), config)
     assert config.target_modules == ["vision_model.layers.1"]
     assert model(**make_batch()).routing_weights.shape[0] == 1
-    assert "mope_mapper" in dict(model.base_model.model.vision_model.layers[1].named_children())
+    assert "mope_mapper_in" in dict(model.base_model.model.vision_model.layers[1].named_children())
+
+
+def test_without_experts_blocks_keep_static_and_mapped_prompts_only():
+    model = peft.get_peft_model(make_classifier(), MoPEConfig(num_experts=0, init_weights=False))
+    block = model.base_model.model.vision_model.layers[0]
+    assert "default" not in block.mope_router and "default" not in block.mope_experts
+    out = model(**make_batch())
+    assert out.routing_weights is None and out.aux_loss is None
+    with model.disable_adapter():
+        assert not torch.allclose(model(**make_batch()).logits, out.logits)
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"num_experts": 0}, "num_experts"), ({"prompt_length": -1}, "prompt_length"),
+    ({"num_experts": -1}, "num_experts"),
+    ({"num_experts": 0, "static_prompt_length": 0, "mapped_prompt_length": 0}, "num_experts=0"), ({"prompt_length": -1}, "prompt_length"),
     ({"num_experts": 2.5}, "num_experts"), ({"static_prompt_length": -2}, "static_prompt_length"),
     ({"prompted_tower": "audio"}, "prompted_tower"), ({"router_temperature": 0}, "router_temperature"),
     ({"router_self_dim": 0, "router_cross_dim": 0}, "router_self_dim"),

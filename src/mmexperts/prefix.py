@@ -22,16 +22,21 @@ class PrefixAttention:
     """Hooks on one block's self-attention that add the attention over gated prefix prompts passed in ``PREFIX_KWARG``.
 
     The prompts travel as a keyword argument of the block call, so they survive gradient checkpointing's recompute.
+    Where the attention owns an output projection, the prompt context joins the real context at that projection's
+    input (one matmul for both); otherwise it is added to the attention's output.
     """
 
     def __init__(self, block: nn.Module):
         self.anatomy: BlockAnatomy = block_anatomy(block)
         self._query: torch.Tensor | None = None
+        self._prefixes = None
         attention = self.anatomy.attention
         self._handles = [
             attention.register_forward_pre_hook(self._arm, with_kwargs=True),
             self.anatomy.query.register_forward_hook(self._keep_query),
-            attention.register_forward_hook(self._add_prefix_attention, with_kwargs=True),
+            self.anatomy.output.register_forward_pre_hook(self._add_to_projection_input)
+            if self.anatomy.output is not None else attention.register_forward_hook(self._add_to_output),
+            attention.register_forward_hook(self._disarm),  # registered last, so it runs last
         ]
 
     def remove(self) -> None:
@@ -41,28 +46,36 @@ class PrefixAttention:
         self._handles = []
 
     def _arm(self, module, args, kwargs):
-        self._query = None
-        self._armed = bool(kwargs.get(PREFIX_KWARG))
+        self._query, self._prefixes = None, kwargs.get(PREFIX_KWARG) or None
 
     def _keep_query(self, module, args, output):
-        if getattr(self, "_armed", False) and self._query is None:
+        if self._prefixes is not None and self._query is None:
             self._query = output
 
-    def _add_prefix_attention(self, module, args, kwargs, output):
-        prefixes = kwargs.get(PREFIX_KWARG)
-        self._armed = False
-        if not prefixes:
+    def _disarm(self, module, args, output):
+        self._query = self._prefixes = None
+
+    def _extra_context(self) -> torch.Tensor:
+        if self._query is None:
+            raise RuntimeError(f"{type(self.anatomy.attention).__name__} did not call its query projection; "
+                               "prefix prompts need it.")
+        return self.attend(self._query, self._prefixes)
+
+    def _add_to_projection_input(self, module, args):
+        if self._prefixes is None:
+            return None
+        context = args[0]
+        return (context + self._extra_context().to(context.dtype), *args[1:])
+
+    def _add_to_output(self, module, args, output):
+        if self._prefixes is None:
             return output
-        query, self._query = self._query, None
-        if query is None:
-            raise RuntimeError(f"{type(module).__name__} did not call its query projection; prefix prompts need it.")
-        extra = self.attend(query, prefixes)
         if isinstance(output, tuple):
-            return (output[0] + extra.to(output[0].dtype), *output[1:])
-        return output + extra.to(output.dtype)
+            return (output[0] + self._extra_context().to(output[0].dtype), *output[1:])
+        return output + self._extra_context().to(output.dtype)
 
     def attend(self, query: torch.Tensor, prefixes: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """Gated attention of projected queries (B, L, H*D) over each (prompts (B, P, d), gate (H,)) pair."""
+        """Gated attention context (B, L, H*D) of projected queries over each (prompts (B, P, d), gate (H,)) pair."""
         a = self.anatomy
         batch, length, _ = query.shape
         q = query.view(batch, length, a.num_heads, a.head_dim).transpose(1, 2)
@@ -75,7 +88,4 @@ class PrefixAttention:
             context = F.scaled_dot_product_attention(q, k, v, scale=a.scaling)
             context = context * gate.to(query.dtype).view(1, -1, 1, 1)
             total = context if total is None else total + context
-        total = total.transpose(1, 2).reshape(batch, length, -1)
-        if a.output is not None:  # the block's output projection is linear: project the extra context, no bias
-            total = F.linear(total, a.output.weight)
-        return total
+        return total.transpose(1, 2).reshape(batch, length, -1)

@@ -35,7 +35,7 @@ class Router(nn.Module):
     """
 
     def __init__(self, query_dim: int, num_experts: int, temperature: float = 1.0, noise_std: float = 0.0,
-                 top_k: int | None = None, learn_keys: bool = False):
+                 top_k: int | None = None, learn_keys: bool = False, device=None):
         super().__init__()
         if num_experts < 1:
             raise ValueError(f"num_experts must be >= 1, got {num_experts}.")
@@ -51,6 +51,7 @@ class Router(nn.Module):
         self.top_k = top_k
         keys = torch.empty(query_dim, num_experts)
         nn.init.orthogonal_(keys)
+        keys = keys.to(device) if device is not None else keys
         if learn_keys:
             self.keys = nn.Parameter(keys)
         else:

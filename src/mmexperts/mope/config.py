@@ -22,7 +22,9 @@ class MoPEConfig(PeftConfig):
     """
 
     prompted_tower: str = field(default="vision", metadata={"help": "Tower that receives routed prompts: 'vision' or 'text'."})
-    num_experts: int = field(default=4, metadata={"help": "Prompt experts per routed block (K)."})
+    num_experts: int = field(default=4, metadata={
+        "help": "Prompt experts per routed block (K); 0 drops the router and dynamic prompt (plain conditional "
+                "deep prompts, the ablation without experts)."})
     prompt_length: int = field(default=6, metadata={"help": "Tokens of the dynamic (routed) prompt."})
     static_prompt_length: int = field(default=6, metadata={"help": "Tokens of the dataset-level static prompt; 0 disables it."})
     mapped_prompt_length: int = field(default=1, metadata={"help": "Tokens mapped from the complementary feature; 0 disables."})
@@ -55,16 +57,17 @@ class MoPEConfig(PeftConfig):
         self.peft_type = MMExpertsPeftType.MOPE
         if self.prompted_tower not in TOWERS:
             raise ValueError(f"prompted_tower must be one of {TOWERS}, got {self.prompted_tower!r}.")
-        for name in ("num_experts", "prompt_length"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-        for name in ("static_prompt_length", "mapped_prompt_length", "complementary_prompt_length",
+        if not isinstance(self.prompt_length, int) or isinstance(self.prompt_length, bool) or self.prompt_length < 1:
+            raise ValueError(f"prompt_length must be a positive integer, got {self.prompt_length!r}.")
+        for name in ("num_experts", "static_prompt_length", "mapped_prompt_length", "complementary_prompt_length",
                      "router_self_dim", "router_cross_dim", "mapper_hidden_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}.")
-        if self.router_self_dim + self.router_cross_dim < 1:
+        if self.num_experts == 0 and not (self.static_prompt_length or self.mapped_prompt_length):
+            raise ValueError("With num_experts=0 the routed blocks need static_prompt_length or mapped_prompt_length "
+                             "> 0; otherwise they would get no prompt at all.")
+        if self.num_experts and self.router_self_dim + self.router_cross_dim < 1:
             raise ValueError("router_self_dim + router_cross_dim must be at least 1; the router needs a query.")
         if self.router_temperature <= 0:
             raise ValueError(f"router_temperature must be > 0, got {self.router_temperature}.")

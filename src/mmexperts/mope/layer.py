@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
@@ -41,7 +42,7 @@ class MoPELayer(nn.Module, BaseTunerLayer):
     deep prompts. Prompts are prefix keys/values of the block's self-attention behind a zero-init per-head gate."""
 
     adapter_layer_names = ("mope_static", "mope_experts", "mope_self_proj", "mope_cross_proj", "mope_router",
-                           "mope_mapper", "mope_gate")
+                           "mope_mapper_in", "mope_mapper_out", "mope_gate")
     other_param_names = ("mope_role", "mope_settings")
 
     def __init__(self, base_layer: nn.Module, state: MoPEForwardState, complementary_size: int, **kwargs):
@@ -74,7 +75,7 @@ class MoPELayer(nn.Module, BaseTunerLayer):
         static_length = config.static_prompt_length if role == ROUTED else config.complementary_prompt_length
         if static_length:
             self.mope_static[adapter_name] = prompts(static_length)
-        if role == ROUTED:
+        if role == ROUTED and config.num_experts:
             self.mope_experts[adapter_name] = prompts(config.num_experts, config.prompt_length)
             if config.router_self_dim:
                 self.mope_self_proj[adapter_name] = nn.Linear(d, config.router_self_dim, device=device)
@@ -83,12 +84,12 @@ class MoPELayer(nn.Module, BaseTunerLayer):
                                                                device=device)
             self.mope_router[adapter_name] = Router(config.router_self_dim + config.router_cross_dim,
                                                     config.num_experts, config.router_temperature,
-                                                    config.router_noise_std).to(device)
-            if owns_mapper and config.mapped_prompt_length:
-                self.mope_mapper[adapter_name] = nn.Sequential(
-                    nn.Linear(self.complementary_size, config.mapper_hidden_size), nn.GELU(),
-                    nn.Linear(config.mapper_hidden_size, config.mapped_prompt_length * d), nn.GELU(),
-                ).to(device)
+                                                    config.router_noise_std, device=device)
+        if role == ROUTED and owns_mapper and config.mapped_prompt_length:
+            self.mope_mapper_in[adapter_name] = nn.Linear(self.complementary_size, config.mapper_hidden_size,
+                                                          device=device)
+            self.mope_mapper_out[adapter_name] = nn.Linear(config.mapper_hidden_size,
+                                                           config.mapped_prompt_length * d, device=device)
         gate = torch.zeros(self.num_heads, device=device)
         if not config.init_weights:
             gate.normal_(0.0, 1.0)
@@ -114,13 +115,14 @@ class MoPELayer(nn.Module, BaseTunerLayer):
     def unmerge(self) -> None:
         raise NotImplementedError("MoPE adapters are never merged, so there is nothing to unmerge.")
 
-    def _routed_prompts(self, name: str, hidden_states: torch.Tensor, attention_mask) -> torch.Tensor:
-        complementary = self._state.complementary
-        if complementary is None:
-            raise ValueError(
-                "A MoPE routed block ran without the complementary tower's feature. Call the model through its "
-                "PeftModel with both modalities, e.g. model(pixel_values=..., input_ids=..., attention_mask=...)."
-            )
+    def _map(self, name: str, complementary: torch.Tensor) -> torch.Tensor:
+        """The mapped prompt: a two-layer GELU MLP of the complementary feature, reshaped into prompt tokens."""
+        hidden = F.gelu(self.mope_mapper_in[name](complementary.to(self.mope_mapper_in[name].weight.dtype)))
+        tokens = F.gelu(self.mope_mapper_out[name](hidden))
+        return tokens.view(complementary.shape[0], self.mope_settings[name]["mapped_prompt_length"], -1)
+
+    def _route(self, name: str, hidden_states: torch.Tensor, attention_mask, complementary) -> torch.Tensor:
+        """Mix the prompt experts with routing weights from the block's own tokens and the complementary feature."""
         batch, length, _ = hidden_states.shape
         queries = []
         if name in self.mope_self_proj:
@@ -133,15 +135,23 @@ class MoPELayer(nn.Module, BaseTunerLayer):
         self._state.routing.setdefault(name, []).append(routing)
         threshold = self.mope_settings[name]["importance_threshold"]
         self._state.aux_losses.setdefault(name, []).append(importance_loss(routing, threshold))
+        return torch.einsum("bk,kpd->bpd", routing, self.mope_experts[name])
 
+    def _routed_prompts(self, name: str, hidden_states: torch.Tensor, attention_mask) -> torch.Tensor:
+        complementary = self._state.complementary
+        if complementary is None:
+            raise ValueError(
+                "A MoPE routed block ran without the complementary tower's feature. Call the model through its "
+                "PeftModel with both modalities, e.g. model(pixel_values=..., input_ids=..., attention_mask=...)."
+            )
         parts = []
         if name in self.mope_static:
-            parts.append(self.mope_static[name].expand(batch, -1, -1))
-        parts.append(torch.einsum("bk,kpd->bpd", routing, self.mope_experts[name]))
-        mapped_length = self.mope_settings[name]["mapped_prompt_length"]
-        if mapped_length:
-            if name in self.mope_mapper:
-                self._state.mapped[name] = self.mope_mapper[name](complementary).view(batch, mapped_length, -1)
+            parts.append(self.mope_static[name].expand(hidden_states.shape[0], -1, -1))
+        if name in self.mope_experts:
+            parts.append(self._route(name, hidden_states, attention_mask, complementary))
+        if self.mope_settings[name]["mapped_prompt_length"]:
+            if name in self.mope_mapper_in:
+                self._state.mapped[name] = self._map(name, complementary)
             parts.append(self._state.mapped[name])
         return torch.cat(parts, 1)
 

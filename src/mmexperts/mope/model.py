@@ -86,10 +86,11 @@ class MoPEModel(BaseTuner):
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
         setattr(parent, child_name, new_module)
         if isinstance(new_module, MoPELayer):
-            weight = next(new_module.base_layer.parameters())
+            device = next(new_module.base_layer.parameters()).device
             for name, module in new_module.named_modules():
-                if self.prefix in name and weight.device != torch.device("meta"):
-                    module.to(weight.device)
+                on_meta = any(p.device.type == "meta" for p in module.parameters())
+                if self.prefix in name and not on_meta and device.type != "meta":
+                    module.to(device)
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         for name, param in model.named_parameters():
@@ -122,6 +123,7 @@ class MoPEModel(BaseTuner):
                 yield
             finally:
                 handle.remove()
+                state.reset()  # drop the call's activations and graph
 
     def _keep_complementary(self, feature: torch.Tensor) -> None:
         self.forward_state.complementary = feature
