@@ -11,11 +11,10 @@ Variants
   training (forward + backward + AdamW step + zero_grad, train mode):
     mope         MoPEConfig() defaults: K=4; per vision block 6 static + 6 routed + 1 mapped prompt tokens (13),
                  per text block 4 deep prompt tokens; trainable: prompts, routers, mapper, gates, classifier.
-    deep-prompt  the same MoPE model with routing removed: in each vision block the static, expert, router and mapper
-                 parameters are replaced by ONE static prompt of 13 tokens (the text blocks keep their 4 deep prompt
-                 tokens), i.e. plain VPT-deep prompts through the very same gated-prefix attention, dropout and gates.
-                 MoPEConfig cannot express this (num_experts >= 1 and a router are mandatory), so the benchmark
-                 rewires the adapter after construction (``_strip_routing``).
+    deep-prompt  MoPEConfig(num_experts=0, static_prompt_length=13, mapped_prompt_length=0): one static prompt of 13
+                 tokens per vision block (the text blocks keep their 4 deep prompt tokens), i.e. plain VPT-deep
+                 prompts through the very same gated-prefix attention, dropout and gates, with no router, experts
+                 or mapper.
     full-ft      the base model, every parameter trainable.
   inference (eval mode, torch.no_grad forward):
     base         the base model without adapter.
@@ -95,41 +94,13 @@ def _tower_configs(small: bool):
             BertConfig(vocab_size=1000, max_position_embeddings=64, **common))
 
 
-def _strip_routing(model) -> dict:
-    """Turn every routed (vision) MoPE block into a plain deep-prompt block with the same prompt token count.
+def _deep_prompt_config():
+    """Plain deep prompts with MoPE's token counts: 13 static tokens per vision block, no experts, router or mapper."""
+    from mmexperts import MoPEConfig
 
-    The routed block's static + dynamic + mapped tokens are replaced by one static prompt of as many tokens; its
-    experts, router projections, router and mapper are deleted, and its role becomes the complementary tower's plain
-    "deep" role, whose forward is ``dropout(static prompt) -> gated prefix attention``. Returns the token counts.
-    """
-    import torch
-    from torch import nn
-
-    from mmexperts import MoPELayer
-    from mmexperts.mope.layer import DEEP, ROUTED, _prompt_init
-
-    counts = {"vision": set(), "text": set()}
-    for module in model.modules():
-        if not isinstance(module, MoPELayer):
-            continue
-        for name, role in list(module.mope_role.items()):
-            if role == ROUTED:
-                config = model.peft_config[name]
-                tokens = config.static_prompt_length + config.prompt_length + config.mapped_prompt_length
-                reference = module.mope_experts[name]
-                bound = _prompt_init(module.hidden_size)
-                module.mope_static[name] = nn.Parameter(
-                    torch.empty(tokens, module.hidden_size, device=reference.device, dtype=reference.dtype)
-                    .uniform_(-bound, bound))
-                for container in (module.mope_experts, module.mope_self_proj, module.mope_cross_proj,
-                                  module.mope_router, module.mope_mapper):
-                    if name in container:
-                        del container[name]
-                module.mope_role[name] = DEEP
-                module.mope_settings[name]["mapped_prompt_length"] = 0
-            tower = "vision" if role == ROUTED else "text"
-            counts[tower].add(module.mope_static[name].shape[0])
-    return {tower: sorted(values) for tower, values in counts.items()}
+    default = MoPEConfig()
+    tokens = default.static_prompt_length + default.prompt_length + default.mapped_prompt_length
+    return MoPEConfig(num_experts=0, static_prompt_length=tokens, mapped_prompt_length=0)
 
 
 def _build(kind: str, variant: str, small: bool):
@@ -143,14 +114,12 @@ def _build(kind: str, variant: str, small: bool):
     base = VisionTextModelForClassification.from_vision_text_configs(vision, text, num_labels=NUM_LABELS)
     info = {}
     if variant in ("mope", "deep-prompt"):
-        model = peft.get_peft_model(base, MoPEConfig())
-        if variant == "deep-prompt":
-            info["prompt_tokens"] = _strip_routing(model)
-        else:
-            config = model.peft_config["default"]
-            info["prompt_tokens"] = {
-                "vision": [config.static_prompt_length + config.prompt_length + config.mapped_prompt_length],
-                "text": [config.complementary_prompt_length]}
+        model = peft.get_peft_model(base, _deep_prompt_config() if variant == "deep-prompt" else MoPEConfig())
+        config = model.peft_config["default"]
+        dynamic = config.prompt_length if config.num_experts else 0
+        info["prompt_tokens"] = {
+            "vision": [config.static_prompt_length + dynamic + config.mapped_prompt_length],
+            "text": [config.complementary_prompt_length]}
     else:
         model = base
         if kind == "train":
@@ -437,9 +406,9 @@ def _report(train: list[dict], infer: list[dict], options: dict, elapsed: float)
              "subtracts the RSS just before the first step, leaving what training itself adds (activations, "
              "gradients, AdamW state). The other processes do not count. "
              f"Source used: {mope['peak_source']}.",
-             "- Plain deep prompts: the MoPE model with each vision block's static, expert, router and mapper "
-             "parameters replaced by one static 13-token prompt (same gated prefix attention, prompt dropout and "
-             "gates; text blocks keep 4 tokens). MoPEConfig cannot express it (num_experts >= 1, router mandatory).",
+             "- Plain deep prompts: `MoPEConfig(num_experts=0, static_prompt_length=13, mapped_prompt_length=0)`, one "
+             "static 13-token prompt per vision block (same gated prefix attention, prompt dropout and gates; text "
+             "blocks keep 4 tokens), no router, experts or mapper.",
              f"- Total wall time of the benchmark: {elapsed:.0f} s.",
              ""]
     return "\n".join(lines)
