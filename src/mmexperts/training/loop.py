@@ -1,0 +1,352 @@
+"""The training loop shared by every method: Accelerate, evaluation, checkpoints that resume exactly, publishing."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import peft
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import AutoImageProcessor, AutoTokenizer, get_scheduler
+
+from ..atomic import atomic_directory
+from ..data.collate import MultimodalCollator
+from ..data.loading import load_task
+from ..hub import push_adapter_to_hub, write_model_card
+from ..metrics import load_metric
+from ..modeling import VisionTextModelForClassification
+from ..plots import plot_routing
+from .config import SYNTHETIC_BACKBONES, TrainConfig
+from .methods import default_classifier_input, method_config
+from .probes import fit_linear_probe, pooled_features
+
+logger = logging.getLogger(__name__)
+CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
+LAUNCHER_WORLD_SIZES = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE")
+
+
+@dataclass
+class TrainingState:
+    """Progress saved with every checkpoint: optimizer steps taken and the best evaluation so far."""
+
+    step: int = 0
+    best_metric: float | None = None
+    best_step: int = -1
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+
+def check_process_group(accelerator: Accelerator) -> None:
+    """Refuse to train when a launcher started several processes that did not join one process group."""
+    for variable in LAUNCHER_WORLD_SIZES:
+        launched = int(os.environ.get(variable, "1") or 1)
+        if launched > 1 and accelerator.num_processes != launched:
+            raise RuntimeError(
+                f"The launcher started {launched} processes ({variable}={launched}) but they did not form one process "
+                f"group (this process sees {accelerator.num_processes}); each would train alone on the full data. "
+                "On CPUs use `accelerate launch --cpu --num_processes N --mpirun_hostfile <file>` (OpenMPI) or "
+                "`torchrun --nproc_per_node N`; on GPUs `accelerate launch --multi_gpu`."
+            )
+
+
+def list_checkpoints(folder: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints under ``folder``, oldest first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name)) and p.is_dir()]
+    return [path for _, path in sorted(found)]
+
+
+def compute_metrics(logits: np.ndarray, labels: np.ndarray, multi_label: bool) -> dict[str, float]:
+    """Accuracy for single-label tasks; macro and micro F1 for multi-label ones (``evaluate`` modules, offline)."""
+    if multi_label:
+        predictions = (logits > 0).astype(int)
+        return load_metric("multilabel_f1").compute(predictions=predictions.tolist(),
+                                                    references=labels.astype(int).tolist())
+    return load_metric("accuracy").compute(predictions=logits.argmax(-1).tolist(), references=labels.tolist())
+
+
+class Trainer:
+    """Train one adapter on one task: ``Trainer(config).train()`` returns the final metrics."""
+
+    def __init__(self, config: TrainConfig):
+        self.config = config
+        self.output_dir = Path(config.output_dir)
+        self.accelerator = Accelerator(
+            mixed_precision=config.mixed_precision,
+            gradient_accumulation_steps=config.gradient_accumulation_steps,
+            log_with=None if config.report_to == "none" else config.report_to,
+            project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir)),
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        )
+        check_process_group(self.accelerator)
+        set_seed(config.seed)
+        self.state = TrainingState()
+
+    # ---- setup -------------------------------------------------------------------------------------------------
+    def _backbones(self) -> tuple[str, str]:
+        config = self.config
+        if SYNTHETIC_BACKBONES not in (config.vision_model, config.text_model):
+            return config.vision_model, config.text_model
+        from ..data.backbones import pretrained_backbones
+
+        with self.accelerator.main_process_first():
+            cached = pretrained_backbones(cache_dir=config.backbone_cache, seed=config.seed,
+                                          image_size=config.image_size,
+                                          show_progress=self.accelerator.is_main_process)
+        vision = str(cached.vision) if config.vision_model == SYNTHETIC_BACKBONES else config.vision_model
+        text = str(cached.text) if config.text_model == SYNTHETIC_BACKBONES else config.text_model
+        return vision, text
+
+    def setup(self) -> None:
+        """Load data, backbones and adapter; build loaders, optimizer and scheduler; resume if asked."""
+        config, accelerator = self.config, self.accelerator
+        vision_path, text_path = self._backbones()
+        with accelerator.main_process_first():
+            self.task = load_task(config.dataset, data_dir=config.data_dir, train_size=config.train_size,
+                                  eval_size=config.eval_size, seed=config.seed, image_size=config.image_size,
+                                  strict=config.strict_data, max_rows=config.max_train_rows)
+        if self.task.task_type == "retrieval":
+            raise ValueError(f"{config.dataset} is a retrieval task; the classification recipe needs a labelled "
+                             "task such as synthetic:entailment or synthetic:multilabel.")
+        if accelerator.is_main_process and sum(self.task.report.total.values()):
+            logger.warning("Dropped bad rows: %s", self.task.report)
+        self.multi_label = self.task.task_type == "multi_label_classification"
+        peft_config = method_config(config.method, config.method_kwargs)
+        self.base = VisionTextModelForClassification.from_vision_text_pretrained(
+            vision_path, text_path, num_labels=len(self.task.label_names), problem_type=self.task.task_type,
+            classifier_input=config.classifier_input or default_classifier_input(peft_config),
+            id2label=dict(enumerate(self.task.label_names)))
+        self.model = peft.get_peft_model(self.base, peft_config)
+        self.collator = MultimodalCollator(AutoTokenizer.from_pretrained(text_path),
+                                           AutoImageProcessor.from_pretrained(vision_path),
+                                           task_type=self.task.task_type, max_length=config.max_length,
+                                           num_labels=len(self.task.label_names))
+        train_split = self.task.dataset["train"]
+        eval_split = self.task.dataset["validation" if "validation" in self.task.dataset else "test"]
+        self.train_loader = DataLoader(train_split, batch_size=config.batch_size, shuffle=True, drop_last=True,
+                                       collate_fn=self.collator, num_workers=config.num_workers,
+                                       generator=torch.Generator().manual_seed(config.seed))
+        self.eval_loader = DataLoader(eval_split, batch_size=config.eval_batch_size, collate_fn=self.collator,
+                                      num_workers=config.num_workers)
+        self.probe_loaders = (DataLoader(train_split, batch_size=config.eval_batch_size, collate_fn=self.collator),
+                              self.eval_loader)
+        steps_per_epoch = math.ceil(len(self.train_loader) / accelerator.num_processes /
+                                    config.gradient_accumulation_steps)
+        self.max_steps = config.max_steps or steps_per_epoch * config.num_epochs
+        optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad],
+                                      lr=config.learning_rate, weight_decay=config.weight_decay)
+        scheduler = get_scheduler(config.lr_scheduler_type, optimizer,
+                                  num_warmup_steps=config.warmup_steps * accelerator.num_processes,
+                                  num_training_steps=self.max_steps * accelerator.num_processes)
+        self.model, self.optimizer, self.train_loader, self.eval_loader, self.scheduler = accelerator.prepare(
+            self.model, optimizer, self.train_loader, self.eval_loader, scheduler)
+        accelerator.register_for_checkpointing(self.state)
+        accelerator.register_save_state_pre_hook(self._keep_adapter_weights_only)
+        if config.report_to != "none":
+            accelerator.init_trackers("mmexperts", {k: v for k, v in vars(config).items()
+                                                    if isinstance(v, (int, float, str, bool))})
+        if config.resume_from_checkpoint:
+            self._resume(config.resume_from_checkpoint)
+
+    def _keep_adapter_weights_only(self, models, weights, output_dir) -> None:
+        """Checkpoints hold the adapter and head, not the frozen backbones."""
+        for model, state in zip(models, weights):
+            keep = {name for name, param in model.named_parameters() if param.requires_grad}
+            prefix = self.accelerator.unwrap_model(model).base_model.prefix
+            for key in list(state):
+                if key not in keep and prefix not in key and "modules_to_save" not in key:
+                    del state[key]
+
+    def _resume(self, checkpoint: str) -> None:
+        if checkpoint == "latest":
+            found = list_checkpoints(self.output_dir / "checkpoints")
+            if not found:
+                raise FileNotFoundError(f"--resume_from_checkpoint latest: no checkpoint under "
+                                        f"{self.output_dir / 'checkpoints'}.")
+            checkpoint = str(found[-1])
+        if not Path(checkpoint).is_dir():
+            raise FileNotFoundError(f"--resume_from_checkpoint {checkpoint}: no such checkpoint folder.")
+        self.accelerator.load_state(checkpoint, strict=False)
+        self.accelerator.print(f"Resumed from {checkpoint} at step {self.state.step}.")
+
+    # ---- training ----------------------------------------------------------------------------------------------
+    def train(self) -> dict:
+        """Run the whole job; returns the final metrics (also written to ``output_dir/metrics.json``)."""
+        if not hasattr(self, "model"):
+            self.setup()
+        config, accelerator = self.config, self.accelerator
+        micro_per_epoch = len(self.train_loader)
+        per_step = config.gradient_accumulation_steps
+        progress = tqdm(total=self.max_steps, initial=self.state.step, desc="training",
+                        disable=not accelerator.is_local_main_process)
+        self.model.train()
+        running, seen = 0.0, 0
+        while self.state.step < self.max_steps:
+            done_micro = self.state.step * per_step
+            epoch, skip = divmod(done_micro, micro_per_epoch)
+            self.train_loader.set_epoch(epoch)
+            loader = accelerator.skip_first_batches(self.train_loader, skip) if skip else self.train_loader
+            for batch in loader:
+                with accelerator.accumulate(self.model):
+                    loss = self.model(**batch).loss
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and config.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
+                    self.optimizer.step()
+                    self.scheduler.step()
+                    self.optimizer.zero_grad()
+                running, seen = running + loss.detach().float().item(), seen + 1
+                if not accelerator.sync_gradients:
+                    continue
+                self.state.step += 1
+                progress.update(1)
+                self.on_step_end(running / seen)
+                running, seen = 0.0, 0
+                if self.state.step >= self.max_steps:
+                    break
+        progress.close()
+        return self.finish()
+
+    def on_step_end(self, loss: float) -> None:
+        """Logging, periodic evaluation and checkpoints after each optimizer step."""
+        config, step = self.config, self.state.step
+        if step % config.logging_steps == 0:
+            self.accelerator.log({"train/loss": loss, "train/lr": self.scheduler.get_last_lr()[0]}, step=step)
+        if step % config.eval_steps == 0 and step < self.max_steps:
+            self.evaluate_and_keep_best()
+        if step % config.save_steps == 0:
+            self.save_checkpoint()
+
+    def save_checkpoint(self) -> Path:
+        """``save_state`` into a staging folder, then an atomic rename; old checkpoints beyond the limit go."""
+        accelerator = self.accelerator
+        root = self.output_dir / "checkpoints"
+        target = root / f"step_{self.state.step}"
+        staging = root / f".step_{self.state.step}.partial"
+        if accelerator.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(staging))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(staging, target)
+            for old in list_checkpoints(root)[:-self.config.save_total_limit or None]:
+                shutil.rmtree(old)
+        accelerator.wait_for_everyone()
+        return target
+
+    @torch.no_grad()
+    def evaluate(self) -> tuple[dict, np.ndarray | None, np.ndarray]:
+        """Metrics on the evaluation split, plus the routing weights (blocks, examples, experts) and labels."""
+        accelerator = self.accelerator
+        self.model.eval()
+        logits, labels, routing = [], [], []
+        for batch in self.eval_loader:
+            out = self.model(**batch)
+            got_logits, got_labels = accelerator.gather_for_metrics((out.logits.float(), batch["labels"]))
+            logits.append(got_logits.cpu())
+            labels.append(got_labels.cpu())
+            if isinstance(out.get("routing_weights"), torch.Tensor):
+                routing.append(accelerator.gather_for_metrics(out.routing_weights.transpose(0, 1).float()).cpu())
+        self.model.train()
+        logits, labels = torch.cat(logits).numpy(), torch.cat(labels).numpy()
+        metrics = compute_metrics(logits, labels, self.multi_label)
+        routing_array = torch.cat(routing).transpose(0, 1).numpy() if routing else None
+        return metrics, routing_array, labels
+
+    @property
+    def main_metric(self) -> str:
+        return "f1_micro" if self.multi_label else "accuracy"
+
+    def evaluate_and_keep_best(self) -> dict:
+        metrics, _, _ = self.evaluate()
+        self.accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=self.state.step)
+        self.accelerator.print(f"step {self.state.step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        value = metrics[self.main_metric]
+        if self.state.best_metric is None or value > self.state.best_metric:
+            self.state.best_metric, self.state.best_step = value, self.state.step
+            self.save_adapter(self.output_dir / "best")
+        return metrics
+
+    def save_adapter(self, folder: Path) -> None:
+        """Write the adapter with PEFT's ``save_pretrained``, atomically, from the main process."""
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            with atomic_directory(folder) as staging:
+                self.accelerator.unwrap_model(self.model).save_pretrained(staging)
+        self.accelerator.wait_for_everyone()
+
+    # ---- results -----------------------------------------------------------------------------------------------
+    def unimodal_baselines(self) -> dict[str, float]:
+        """Scores of linear probes on each frozen tower alone (the base model with the adapter disabled)."""
+        model = self.accelerator.unwrap_model(self.model)
+        with model.disable_adapter():
+            train_features, train_labels = pooled_features(model, self.probe_loaders[0])
+            eval_features, eval_labels = pooled_features(model, self.probe_loaders[1])
+        scores = {}
+        for modality in ("vision", "text"):
+            logits = fit_linear_probe(train_features[modality], train_labels, eval_features[modality],
+                                      self.multi_label, len(self.task.label_names), seed=self.config.seed)
+            scores[modality] = compute_metrics(logits.numpy(), eval_labels.numpy(), self.multi_label)[self.main_metric]
+        return scores
+
+    def finish(self) -> dict:
+        """Final evaluation, adapter, metrics, routing plot, model card; optionally push to the Hub."""
+        config, accelerator = self.config, self.accelerator
+        metrics, routing, labels = self.evaluate()
+        if self.state.best_metric is None or metrics[self.main_metric] >= self.state.best_metric:
+            self.state.best_metric, self.state.best_step = metrics[self.main_metric], self.state.step
+            self.save_adapter(self.output_dir / "best")
+        self.save_adapter(self.output_dir / "adapter")
+        results = {"method": config.method, "dataset": config.dataset, "steps": self.state.step,
+                   "best_step": self.state.best_step, **{f"eval_{k}": v for k, v in metrics.items()}}
+        if config.unimodal_baselines and accelerator.is_main_process:
+            for modality, score in self.unimodal_baselines().items():
+                results[f"{modality}_only_{self.main_metric}"] = score
+        model = accelerator.unwrap_model(self.model)
+        if accelerator.is_main_process:
+            plot = None
+            if routing is not None:
+                plot = plot_routing(routing, None if self.multi_label else labels, self.task.label_names,
+                                    self.output_dir / "adapter" / "routing.png",
+                                    title=f"{config.method} routing on {config.dataset}")
+            card_metrics = {k: f"{v:.4f}" if isinstance(v, float) else v for k, v in results.items()}
+            write_model_card(model, self.output_dir / "adapter", config.hub_model_id, dataset=config.dataset,
+                             metrics=card_metrics, routing_plot="routing.png" if plot else None)
+            (self.output_dir / "metrics.json").write_text(json.dumps(results, indent=2))
+            print(results_table(results))
+            if config.push_to_hub:
+                push_adapter_to_hub(model, config.hub_model_id, dataset=config.dataset, metrics=card_metrics,
+                                    extra_files={"routing.png": plot} if plot else None)
+        accelerator.end_training()
+        return results
+
+
+def results_table(results: dict) -> str:
+    """A markdown table of a run's results."""
+    rows = [f"| {key} | {value:.4f} |" if isinstance(value, float) else f"| {key} | {value} |"
+            for key, value in results.items()]
+    return "\n".join(["| metric | value |", "| --- | --- |", *rows])
+
+
+def train(config: TrainConfig) -> dict:
+    """Train an adapter as described by ``config``; returns the final metrics."""
+    return Trainer(config).train()

@@ -1,0 +1,24 @@
+"""The adapter methods the recipe can train, by name."""
+
+from __future__ import annotations
+
+from peft import PeftConfig
+
+from ..mope import MoPEConfig
+
+METHODS: dict[str, type[PeftConfig]] = {"mope": MoPEConfig}
+
+
+def method_config(name: str, kwargs: dict) -> PeftConfig:
+    """Build the named method's PEFT config, with a clear error for unknown methods or fields."""
+    if name not in METHODS:
+        raise ValueError(f"Unknown method {name!r}; available: {sorted(METHODS)}.")
+    try:
+        return METHODS[name](**kwargs)
+    except TypeError as error:
+        raise ValueError(f"Bad method_config for {name!r}: {error}.") from error
+
+
+def default_classifier_input(config: PeftConfig) -> str:
+    """The head's input a method's paper uses: MoPE predicts from its prompted tower."""
+    return getattr(config, "prompted_tower", "concat")
