@@ -10,6 +10,8 @@ from pathlib import Path
 import yaml
 from transformers import HfArgumentParser
 
+from .methods import METHODS
+
 SYNTHETIC_BACKBONES = "synthetic"
 
 
@@ -70,6 +72,8 @@ class TrainConfig:
         if self.max_steps < 0 or self.num_epochs < 1 and self.max_steps == 0:
             raise ValueError(f"Set max_steps > 0 or num_epochs >= 1 (got max_steps={self.max_steps}, "
                              f"num_epochs={self.num_epochs}).")
+        if self.method not in METHODS:
+            raise ValueError(f"Unknown method {self.method!r}; available: {sorted(METHODS)}.")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}.")
         if self.push_to_hub and not self.hub_model_id:

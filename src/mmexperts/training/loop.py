@@ -193,6 +193,9 @@ class Trainer:
             self.setup()
         config, accelerator = self.config, self.accelerator
         micro_per_epoch = len(self.train_loader)
+        if micro_per_epoch == 0:
+            raise ValueError(f"The training split has fewer rows than one batch (batch_size={config.batch_size} per "
+                             f"process, {accelerator.num_processes} processes); lower batch_size or add data.")
         per_step = config.gradient_accumulation_steps
         progress = tqdm(total=self.max_steps, initial=self.state.step, desc="training",
                         disable=not accelerator.is_local_main_process)

@@ -1,0 +1,173 @@
+"""The training recipe end to end on tiny local backbones: metrics, exact resume, publishing, multi-process."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import peft
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import BertConfig, BertModel, ViTConfig, ViTImageProcessor, ViTModel
+
+from mmexperts import VisionTextModelForClassification
+from mmexperts.data.synthetic import build_tokenizer
+from mmexperts.training import TrainConfig, Trainer, list_checkpoints, parse_config, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def backbones(tmp_path_factory) -> tuple[str, str]:
+    """Tiny random ViT and BERT folders with their image processor and tokenizer (no pretraining, no download)."""
+    folder = tmp_path_factory.mktemp("backbones")
+    torch.manual_seed(0)
+    ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                       image_size=32, patch_size=8)).save_pretrained(folder / "vision")
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder / "vision")
+    tokenizer = build_tokenizer()
+    BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=37, max_position_embeddings=64)).save_pretrained(folder / "text")
+    tokenizer.save_pretrained(folder / "text")
+    return str(folder / "vision"), str(folder / "text")
+
+
+def tiny_config(backbones, output_dir, **overrides) -> TrainConfig:
+    vision, text = backbones
+    values = dict(vision_model=vision, text_model=text, output_dir=str(output_dir), train_size=64, eval_size=32,
+                  batch_size=8, eval_batch_size=16, max_steps=6, warmup_steps=1, eval_steps=3, save_steps=3,
+                  logging_steps=1, learning_rate=1e-2, method_config={"init_weights": False},
+                  unimodal_baselines=False)
+    return TrainConfig(**{**values, **overrides})
+
+
+def adapter_weights(folder) -> dict[str, torch.Tensor]:
+    return load_file(Path(folder) / "adapter_model.safetensors")
+
+
+def test_recipe_trains_evaluates_and_writes_everything(backbones, tmp_path, capsys):
+    results = train(tiny_config(backbones, tmp_path, unimodal_baselines=True))
+    assert 0.0 <= results["eval_accuracy"] <= 1.0 and results["steps"] == 6
+    assert {"vision_only_accuracy", "text_only_accuracy"} <= set(results)
+    assert json.loads((tmp_path / "metrics.json").read_text()) == results
+    for folder in ("adapter", "best"):
+        assert (tmp_path / folder / "adapter_model.safetensors").exists()
+    assert (tmp_path / "adapter" / "routing.png").stat().st_size > 1000
+    card = (tmp_path / "adapter" / "README.md").read_text()
+    assert "library_name: peft" in card and "eval_accuracy" in card
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step_3", "step_6"]
+    assert "| eval_accuracy |" in capsys.readouterr().out
+    checkpoint = load_file(tmp_path / "checkpoints" / "step_6" / "model.safetensors")
+    assert checkpoint and all("mope_" in key or "classifier" in key for key in checkpoint)
+
+
+def test_interrupted_run_resumes_to_the_same_weights(backbones, tmp_path, monkeypatch):
+    train(tiny_config(backbones, tmp_path / "straight"))
+
+    original = Trainer.on_step_end
+
+    def crash_after_step_4(self, loss):
+        original(self, loss)
+        if self.state.step == 4:
+            raise KeyboardInterrupt("simulated interruption")
+
+    monkeypatch.setattr(Trainer, "on_step_end", crash_after_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(backbones, tmp_path / "resumed"))
+    monkeypatch.setattr(Trainer, "on_step_end", original)
+    assert [p.name for p in list_checkpoints(tmp_path / "resumed" / "checkpoints")] == ["step_3"]
+    train(tiny_config(backbones, tmp_path / "resumed", resume_from_checkpoint="latest"))
+
+    straight, resumed = adapter_weights(tmp_path / "straight" / "adapter"), adapter_weights(tmp_path / "resumed" / "adapter")
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0)
+
+
+def test_resume_without_checkpoint_is_a_clear_error(backbones, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train(tiny_config(backbones, tmp_path, resume_from_checkpoint="latest"))
+
+
+def test_push_to_hub_then_load_by_repo_id_offline(backbones, tmp_path, fake_hub):
+    train(tiny_config(backbones, tmp_path, push_to_hub=True, hub_model_id="someone/mope-recipe"))
+    (upload,) = fake_hub.uploads
+    assert {"adapter_model.safetensors", "adapter_config.json", "README.md", "routing.png"} <= set(upload["files"])
+    assert b"library_name: peft" in upload["files"]["README.md"]
+
+    vision, text = backbones
+    local = peft.PeftModel.from_pretrained(_base(vision, text), tmp_path / "adapter").eval()
+    hub = peft.PeftModel.from_pretrained(_base(vision, text), "someone/mope-recipe").eval()
+    batch = {"pixel_values": torch.randn(3, 3, 32, 32), "input_ids": torch.randint(5, 40, (3, 6)),
+             "attention_mask": torch.tensor([[1] * 6, [1] * 4 + [0] * 2, [1] * 3 + [0] * 3])}
+    torch.testing.assert_close(hub(**batch).logits, local(**batch).logits, rtol=0, atol=0)
+
+
+def _base(vision: str, text: str) -> VisionTextModelForClassification:
+    return VisionTextModelForClassification.from_vision_text_pretrained(
+        vision, text, num_labels=2, classifier_input="vision")
+
+
+def test_config_file_and_command_line_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("method: mope\nmethod_config: {num_experts: 8}\nmax_steps: 7\nbatch_size: 4\n")
+    config = parse_config(["--config", str(path), "--batch_size", "16"])
+    assert config.method_kwargs == {"num_experts": 8} and config.max_steps == 7 and config.batch_size == 16
+    path.write_text("max_step: 7\n")
+    with pytest.raises(ValueError, match="unknown fields \\['max_step'\\]"):
+        parse_config(["--config", str(path)])
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        TrainConfig(batch_size=0)
+    with pytest.raises(ValueError, match="Unknown method 'lora'"):
+        TrainConfig(method="lora")
+
+
+def _launch_env() -> dict:
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=str(ROOT / "src"))
+    for variable in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+        env.pop(variable, None)
+    return env
+
+
+@pytest.mark.skipif(shutil.which("mpirun") is None, reason="OpenMPI's mpirun is not installed (.ci/run installs it)")
+def test_two_cpu_processes_through_accelerate_launch_train_identical_adapters(backbones, tmp_path):
+    vision, text = backbones
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=2\n")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+               "--num_machines", "1", "--mpirun_hostfile", str(hostfile), "--num_cpu_threads_per_process", "1",
+               str(ROOT / "tests" / "scripts" / "train_and_dump_ranks.py"),
+               "--vision_model", vision, "--text_model", text, "--output_dir", str(tmp_path / "run"),
+               "--train_size", "64", "--eval_size", "32", "--batch_size", "8", "--max_steps", "4",
+               "--eval_steps", "2", "--save_steps", "2", "--warmup_steps", "1", "--learning_rate", "1e-2",
+               "--method_config", "{init_weights: false}", "--no_unimodal_baselines"]
+    run = subprocess.run(command, env=_launch_env(), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    ranks = [load_file(tmp_path / "run" / f"rank_{rank}.safetensors") for rank in (0, 1)]
+    assert json.loads((tmp_path / "run" / "world.json").read_text())["num_processes"] == 2
+    assert ranks[0].keys() == ranks[1].keys() and ranks[0]
+    for key in ranks[0]:
+        torch.testing.assert_close(ranks[0][key], ranks[1][key], rtol=0, atol=0)
+    initial = load_file(tmp_path / "run" / "rank_0_initial.safetensors")
+    assert any(not torch.equal(initial[key], ranks[0][key]) for key in initial)
+    assert "eval_accuracy" in json.loads((tmp_path / "run" / "metrics.json").read_text())
+
+
+def test_recipe_refuses_processes_that_did_not_form_a_group(backbones, tmp_path):
+    """`accelerate launch --multi_gpu` on a machine without GPUs starts processes that never join one group."""
+    vision, text = backbones
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               str(ROOT / "recipes" / "train.py"), "--vision_model", vision, "--text_model", text,
+               "--output_dir", str(tmp_path), "--max_steps", "2", "--train_size", "64", "--eval_size", "32"]
+    run = subprocess.run(command, env=dict(_launch_env(), CUDA_VISIBLE_DEVICES=""), capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode != 0
+    assert "did not form one process group" in run.stdout + run.stderr
+    assert not (tmp_path / "adapter").exists()
