@@ -1,1 +1,6 @@
-"""Datasets for mmexperts: procedurally generated image-text tasks."""
+"""Data for mmexperts: task loading (synthetic, Hub, local), collation, and the offline synthetic benchmark."""
+
+from .collate import MultimodalCollator
+from .loading import DataReport, TaskData, load_task
+
+__all__ = ["DataReport", "MultimodalCollator", "TaskData", "load_task"]
