@@ -23,7 +23,8 @@ def test_folders_load_offline_with_auto_classes(built):
     text, tokenizer = AutoModel.from_pretrained(result.text), AutoTokenizer.from_pretrained(result.text)
     assert vision.config.model_type == "vit" and text.config.model_type == "bert"
     pixels = processor([make_scenes(1, image_size=32)[0]["image"]], return_tensors="pt")["pixel_values"]
-    assert vision(pixel_values=pixels).last_hidden_state.shape == (1, 17, 64)
+    tokens = (32 // vision.config.patch_size) ** 2 + 1
+    assert vision(pixel_values=pixels).last_hidden_state.shape == (1, tokens, 64)
     encoded = tokenizer(["a red circle is left of a blue square"], return_tensors="pt")
     assert tokenizer.unk_token_id not in encoded["input_ids"][0].tolist()
     assert text(**encoded).last_hidden_state.shape[-1] == 64
