@@ -47,22 +47,21 @@ def make_dual_encoder() -> VisionTextDualEncoderModel:
     return VisionTextDualEncoderModel(config).eval()
 
 
+# Tower settings shared by the tiny CLIP and SigLIP models (small bos/eos ids keep them inside the vocabulary).
+TEXT_TOWER = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4,
+                  intermediate_size=37, max_position_embeddings=64, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+VISION_TOWER = dict(hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                    image_size=IMAGE_SIZE, patch_size=6)
+
+
 def make_clip() -> CLIPModel:
     torch.manual_seed(0)
-    text = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
-                max_position_embeddings=64, bos_token_id=0, eos_token_id=2, pad_token_id=1)
-    vision = dict(hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
-                  image_size=IMAGE_SIZE, patch_size=6)
-    return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).eval()
+    return CLIPModel(CLIPConfig(text_config=TEXT_TOWER, vision_config=VISION_TOWER, projection_dim=16)).eval()
 
 
 def make_siglip() -> SiglipModel:
     torch.manual_seed(0)
-    text = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
-                max_position_embeddings=64, bos_token_id=0, eos_token_id=2, pad_token_id=1)
-    vision = dict(hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
-                  image_size=IMAGE_SIZE, patch_size=6)
-    return SiglipModel(SiglipConfig(text_config=text, vision_config=vision)).eval()
+    return SiglipModel(SiglipConfig(text_config=TEXT_TOWER, vision_config=VISION_TOWER)).eval()
 
 
 MODEL_FACTORIES = {"classifier": make_classifier, "dual_encoder": make_dual_encoder, "clip": make_clip,

@@ -69,8 +69,7 @@ class MoPEModel(BaseTuner):
                             parent: nn.Module, current_key: str, parameter_name: str | None = None) -> None:
         towers = self.towers
         prompted = towers[peft_config.prompted_tower]
-        routed_names = [n for n in prompted.block_names if n in set(peft_config.target_modules)] or \
-            [n for n in prompted.block_names if self._check_target_module_exists(peft_config, n)]
+        routed_names = [n for n in prompted.block_names if self._check_target_module_exists(peft_config, n)]
         role = ROUTED if current_key in prompted.block_names else DEEP
         owns_mapper = bool(routed_names) and current_key == routed_names[0]
         if isinstance(target, MoPELayer):
