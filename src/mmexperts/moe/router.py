@@ -16,14 +16,16 @@ class RouterOutput:
     weights: torch.Tensor
 
 
-def top_k_weights(weights: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep each row's ``k`` largest weights, renormalised to sum to one; the others become exactly zero."""
+def top_k_weights(weights: torch.Tensor, k: int, renormalize: bool = True) -> torch.Tensor:
+    """Keep each row's ``k`` largest weights (renormalised to sum to one by default); the others become exactly zero."""
     if not 1 <= k <= weights.shape[-1]:
         raise ValueError(f"top_k must be between 1 and the number of experts ({weights.shape[-1]}), got {k}.")
     if k == weights.shape[-1]:
         return weights
     values, indices = weights.topk(k, dim=-1)
     sparse = torch.zeros_like(weights).scatter(-1, indices, values)
+    if not renormalize:
+        return sparse
     return sparse / sparse.sum(-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
 
 
@@ -35,7 +37,7 @@ class Router(nn.Module):
     """
 
     def __init__(self, query_dim: int, num_experts: int, temperature: float = 1.0, noise_std: float = 0.0,
-                 top_k: int | None = None, learn_keys: bool = False, device=None):
+                 top_k: int | None = None, learn_keys: bool = False, renormalize: bool = True, device=None):
         super().__init__()
         if num_experts < 1:
             raise ValueError(f"num_experts must be >= 1, got {num_experts}.")
@@ -49,6 +51,7 @@ class Router(nn.Module):
         self.temperature = temperature
         self.noise_std = noise_std
         self.top_k = top_k
+        self.renormalize = renormalize
         keys = torch.empty(query_dim, num_experts)
         nn.init.orthogonal_(keys)
         keys = keys.to(device) if device is not None else keys
@@ -57,11 +60,16 @@ class Router(nn.Module):
         else:
             self.register_buffer("keys", keys)
 
-    def forward(self, query: torch.Tensor) -> RouterOutput:
+    def forward(self, query: torch.Tensor, expert_mask: torch.Tensor | None = None) -> RouterOutput:
         logits = query @ self.keys.to(query.dtype) / self.temperature
         if self.training and self.noise_std > 0:
             logits = logits + torch.randn_like(logits) * self.noise_std
+        if expert_mask is not None:
+            if not bool(expert_mask.any()):
+                raise ValueError("expert_mask keeps no expert: at least one expert must stay active.")
+            logits = logits.masked_fill(~expert_mask.bool(), float("-inf"))
         weights = logits.softmax(-1)
         if self.top_k is not None:
-            weights = top_k_weights(weights, self.top_k)
+            active = self.num_experts if expert_mask is None else int(expert_mask.sum())
+            weights = top_k_weights(weights, min(self.top_k, active), self.renormalize)
         return RouterOutput(logits, weights)

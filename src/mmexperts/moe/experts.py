@@ -1,0 +1,77 @@
+"""A bank of K two-layer MLP experts stored as stacked tensors, combined per token with sparse or dense dispatch."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+DISPATCH_MODES = ("sparse", "dense")
+
+
+class ExpertMLPs(nn.Module):
+    """``y_n = sum_k w_nk * (W2_k act(W1_k x_n + b1_k) + b2_k)`` for a (tokens x K) weight matrix ``w``.
+
+    ``dispatch="sparse"`` groups tokens by the experts that have a non-zero weight for them and runs each expert only on
+    its own tokens, so top-k routing (or pruned experts, whose weight is zero) costs k/K of the dense compute.
+    ``dispatch="dense"`` runs every expert on every token and then mixes, as reference implementations do.
+    """
+
+    def __init__(self, num_experts: int, in_features: int, hidden_features: int, out_features: int | None = None,
+                 activation: str = "gelu", dropout: float = 0.0, dispatch: str = "sparse", device=None, dtype=None):
+        super().__init__()
+        if num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {num_experts}.")
+        if dispatch not in DISPATCH_MODES:
+            raise ValueError(f"dispatch must be one of {DISPATCH_MODES}, got {dispatch!r}.")
+        if activation not in ("gelu", "relu", "silu"):
+            raise ValueError(f"activation must be 'gelu', 'relu' or 'silu', got {activation!r}.")
+        out_features = out_features or in_features
+        factory = {"device": device, "dtype": dtype}
+        self.num_experts, self.dispatch, self.activation = num_experts, dispatch, activation
+        self.dropout = nn.Dropout(dropout)
+        self.w1 = nn.Parameter(torch.empty(num_experts, in_features, hidden_features, **factory))
+        self.b1 = nn.Parameter(torch.empty(num_experts, hidden_features, **factory))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_features, out_features, **factory))
+        self.b2 = nn.Parameter(torch.empty(num_experts, out_features, **factory))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's default initialisation, applied to each expert."""
+        for weight, bias in ((self.w1, self.b1), (self.w2, self.b2)):
+            bound = 1 / math.sqrt(weight.shape[1])
+            nn.init.uniform_(weight, -bound, bound)
+            nn.init.uniform_(bias, -bound, bound)
+
+    def expert(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """The output of expert ``index`` on tokens ``x`` (..., in_features)."""
+        hidden = getattr(F, self.activation)(torch.matmul(x, self.w1[index]) + self.b1[index])
+        return torch.matmul(self.dropout(hidden), self.w2[index]) + self.b2[index]
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if weights.shape[:-1] != x.shape[:-1] or weights.shape[-1] != self.num_experts:
+            raise ValueError(f"weights must have shape {tuple(x.shape[:-1]) + (self.num_experts,)} for tokens of shape "
+                             f"{tuple(x.shape)}, got {tuple(weights.shape)}.")
+        lead = x.shape[:-1]
+        x, weights = x.reshape(-1, x.shape[-1]), weights.reshape(-1, self.num_experts).to(x.dtype)
+        out = self._dense(x, weights) if self.dispatch == "dense" else self._sparse(x, weights)
+        return out.reshape(*lead, out.shape[-1])
+
+    def _dense(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        hidden = getattr(F, self.activation)(torch.einsum("nd,kdh->knh", x, self.w1) + self.b1[:, None])
+        outputs = torch.einsum("knh,kho->kno", self.dropout(hidden), self.w2) + self.b2[:, None]
+        return torch.einsum("kno,nk->no", outputs, weights)
+
+    def _sparse(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        token, expert = weights.nonzero(as_tuple=True)
+        order = expert.argsort(stable=True)
+        token, expert = token[order], expert[order]
+        counts = torch.bincount(expert, minlength=self.num_experts).tolist()
+        out = x.new_zeros(x.shape[0], self.w2.shape[-1])
+        for index, tokens in enumerate(token.split(counts)):
+            if tokens.numel():
+                contribution = self.expert(index, x[tokens]) * weights[tokens, index, None]
+                out = out.index_add(0, tokens, contribution)
+        return out
