@@ -9,6 +9,7 @@ from .hub import push_adapter_to_hub, write_model_card
 from .modeling import VisionTextClassificationConfig, VisionTextClassifierOutput, VisionTextModelForClassification
 from .mope import MoPEConfig, MoPELayer, MoPEModel
 from .registry import MMExpertsPeftType, register_method
+from .retrieval import SearchResult, VectorStore, retrieval_recall
 from .towers import Tower, TowerDiscoveryError, find_towers
 
 register_method(MMExpertsPeftType.MOPE, MoPEConfig, MoPEModel, prefix=MoPEModel.prefix)
@@ -19,4 +20,5 @@ __all__ = [
     "MMExpertsPeftType", "MoPEConfig", "MoPELayer", "MoPEModel", "Tower", "TowerDiscoveryError",
     "VisionTextClassificationConfig", "VisionTextClassifierOutput", "VisionTextModelForClassification",
     "find_towers", "hub", "push_adapter_to_hub", "register_method", "write_model_card",
+    "SearchResult", "VectorStore", "retrieval_recall",
 ]
