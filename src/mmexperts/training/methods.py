@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from peft import PeftConfig
 
+from ..altmoe import AltMoEConfig
 from ..mope import MoPEConfig
+from ..s3 import S3Config
 
-METHODS: dict[str, type[PeftConfig]] = {"mope": MoPEConfig}
+METHODS: dict[str, type[PeftConfig]] = {"mope": MoPEConfig, "altmoe": AltMoEConfig, "s3": S3Config}
 
 
 def method_config(name: str, kwargs: dict) -> PeftConfig:

@@ -1,0 +1,271 @@
+"""The Alt-MoE tuner: taps both towers' token features, runs the connector and rewrites the CLIP-style outputs."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTuner
+from torch import nn
+from transformers.utils import ModelOutput
+
+from ..conditioning import gather_inputs
+from ..towers import Tower, find_towers
+from .config import DIRECTIONS, AltMoEConfig
+from .layer import SOURCE, TARGET, AltMoEConnector, AltMoELayer, DirectionPrediction, check_direction, masked_mean
+
+MODALITIES = ("vision", "text")
+ALIGNED_KEYS = ("image_embeds", "text_embeds", "logits_per_image", "logits_per_text")
+
+
+@dataclass
+class TokenFeatures:
+    """Per-token features of both towers (mean of their last two hidden layers) with masks of the real tokens."""
+
+    image_tokens: torch.Tensor
+    image_mask: torch.Tensor
+    text_tokens: torch.Tensor
+    text_mask: torch.Tensor
+
+
+@dataclass
+class AltMoEOutput(ModelOutput):
+    """Connector output. ``image_embeds`` / ``text_embeds`` are aligned so that their dot product is the mean of the
+    two directions' cosine similarities; ``logits_per_image`` / ``logits_per_text`` are it over the temperature.
+    ``image_to_text`` / ``text_to_image`` hold each direction's own prediction (None for a direction not run)."""
+
+    loss: torch.Tensor | None = None
+    logits_per_image: torch.Tensor | None = None
+    logits_per_text: torch.Tensor | None = None
+    image_embeds: torch.Tensor | None = None
+    text_embeds: torch.Tensor | None = None
+    image_to_text: DirectionPrediction | None = None
+    text_to_image: DirectionPrediction | None = None
+    image_target_embeds: torch.Tensor | None = None
+    text_target_embeds: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+
+
+def contrastive_loss(queries: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Symmetric InfoNCE over in-batch negatives of L2-normalised vectors, fixed temperature."""
+    logits = F.normalize(queries, dim=-1) @ F.normalize(targets, dim=-1).T / temperature
+    labels = torch.arange(len(logits), device=logits.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def regression_loss(prediction: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+    """Latent regression onto the (frozen, detached) target tower's pooled features."""
+    target = target.detach()
+    return F.smooth_l1_loss(prediction, target) if kind == "smooth_l1" else F.mse_loss(prediction, target)
+
+
+def _hidden(value) -> torch.Tensor:
+    return value[0] if isinstance(value, (tuple, list)) else value
+
+
+@contextmanager
+def tap_last_block(tower: Tower, receive):
+    """While active, hand ``(hidden_states[-2] + hidden_states[-1]) / 2`` of ``tower`` (its last block's input and
+    output) to ``receive`` each time the tower runs."""
+
+    def hook(module, args, kwargs, output):
+        inputs = args[0] if args else kwargs["hidden_states"]
+        receive((inputs + _hidden(output)) / 2)
+
+    handle = tower.blocks[-1].register_forward_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+class AltMoEModel(BaseTuner):
+    """PEFT tuner for Alt-MoE; see :class:`~mmexperts.AltMoEConfig`.
+
+    The training direction is state of the tuner, not a forward argument: ``with model.base_model.direction(
+    "image_to_text"): model(...)`` computes (and trains) one direction; ``None`` (the default) runs both.
+    """
+
+    prefix: str = "altmoe_"
+    tuner_layer_cls = AltMoELayer
+    target_module_mapping: dict = {}
+
+    @property
+    def towers(self) -> dict[str, Tower]:
+        """The model's vision and text towers (found once)."""
+        if "_towers" not in self.__dict__:
+            self.__dict__["_towers"] = find_towers(self.model)
+        return self.__dict__["_towers"]
+
+    @property
+    def active_direction(self) -> str | None:
+        """The direction forward calls compute: 'image_to_text', 'text_to_image' or None (both)."""
+        return self.__dict__.get("_active_direction")
+
+    @active_direction.setter
+    def active_direction(self, direction: str | None) -> None:
+        self.__dict__["_active_direction"] = None if direction is None else check_direction(direction)
+
+    @contextmanager
+    def direction(self, direction: str | None):
+        """Compute only ``direction`` (None: both) inside the block; the previous setting is restored after."""
+        previous = self.active_direction
+        self.active_direction = direction
+        try:
+            yield
+        finally:
+            self.active_direction = previous
+
+    # ---- injection ---------------------------------------------------------------------------------------------
+    def _prepare_adapter_config(self, peft_config: AltMoEConfig, model_config: dict) -> AltMoEConfig:
+        towers = self.towers
+        for modality in MODALITIES:
+            recorded, actual = getattr(peft_config, f"{modality}_hidden_size"), towers[modality].hidden_size
+            if recorded is not None and recorded != actual:
+                raise ValueError(
+                    f"This Alt-MoE adapter was built for a {modality} tower of hidden size {recorded}, but the model's "
+                    f"{modality} tower has hidden size {actual}. Load it onto the backbone it was trained with."
+                )
+            setattr(peft_config, f"{modality}_hidden_size", actual)
+        if peft_config.target_modules is None:
+            peft_config.target_modules = [towers["text"].block_names[-1]]
+        return peft_config
+
+    def _create_and_replace(self, peft_config: AltMoEConfig, adapter_name: str, target: nn.Module, target_name: str,
+                            parent: nn.Module, current_key: str, parameter_name: str | None = None) -> None:
+        if isinstance(target, AltMoELayer):
+            target.update_layer(adapter_name, peft_config)
+            return
+        new_module = AltMoELayer(target, peft_config.vision_hidden_size, peft_config.text_hidden_size)
+        new_module.update_layer(adapter_name, peft_config)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        setattr(parent, target_name, new_module)
+
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        for name, param in model.named_parameters():
+            if self.prefix not in name:
+                param.requires_grad = False
+
+    # ---- the connector -----------------------------------------------------------------------------------------
+    def _host(self) -> AltMoELayer:
+        hosts = [m for m in self.model.modules() if isinstance(m, AltMoELayer)]
+        if len(hosts) != 1:
+            raise RuntimeError(f"Expected one Alt-MoE host layer in the model, found {len(hosts)}.")
+        return hosts[0]
+
+    def connector(self, adapter_name: str | None = None) -> AltMoEConnector:
+        """The connector of ``adapter_name`` (default: the single active adapter)."""
+        if adapter_name is None:
+            active = [name for name in self.active_adapters if name in self.peft_config]
+            if len(active) != 1:
+                raise ValueError(f"Alt-MoE runs one connector per call, but the active adapters are {active}; "
+                                 "activate exactly one with model.set_adapter(name).")
+            adapter_name = active[0]
+        return self._host().altmoe_connector[adapter_name]
+
+    def direction_parameters(self, direction: str) -> list[nn.Parameter]:
+        """Parameters of the active connector that only ``direction`` uses."""
+        return self.connector().direction_parameters(direction)
+
+    def connect(self, image_tokens: torch.Tensor, image_mask: torch.Tensor | None, text_tokens: torch.Tensor,
+                text_mask: torch.Tensor | None, return_loss: bool = False) -> AltMoEOutput:
+        """Run the active connector on token features (as cached by :mod:`mmexperts.altmoe.features`, or tapped from
+        the towers): ``image_tokens`` (batch, patches, vision size), ``text_tokens`` (batch, length, text size) and
+        masks of their real tokens (None: all real)."""
+        config = self.peft_config[self.active_adapters[0]]
+        connector = self.connector()
+        tokens = {"vision": image_tokens, "text": text_tokens}
+        masks = {"vision": image_mask, "text": text_mask}
+        for modality, name in (("vision", "image_tokens"), ("text", "text_tokens")):
+            value, expected = tokens[modality], connector.sizes[modality]
+            if value.dim() != 3 or value.shape[-1] != expected:
+                raise ValueError(f"{name} must have shape (batch, length, {expected}) for this adapter's "
+                                 f"{modality} tower, got {tuple(value.shape)}; compute the features with the same "
+                                 "backbone the adapter was built on.")
+            if masks[modality] is None:
+                masks[modality] = value.new_ones(value.shape[:2], dtype=torch.long)
+            elif tuple(masks[modality].shape) != tuple(value.shape[:2]):
+                raise ValueError(f"The {modality} mask has shape {tuple(masks[modality].shape)} but {name} has "
+                                 f"{tuple(value.shape[:2])} tokens; pass one mask entry per token.")
+        if image_tokens.shape[0] != text_tokens.shape[0]:
+            raise ValueError(f"image_tokens hold {image_tokens.shape[0]} examples but text_tokens "
+                             f"{text_tokens.shape[0]}; pass aligned image-text pairs.")
+        dtype = connector.target_projections["vision"].weight.dtype
+        tokens = {m: t.to(dtype) for m, t in tokens.items()}
+        pooled = {m: masked_mean(tokens[m], masks[m]) for m in MODALITIES}
+        targets = {m: connector.target(m, pooled[m]) for m in MODALITIES}
+        directions = DIRECTIONS if self.active_direction is None else (self.active_direction,)
+        predictions = {d: connector.predict(d, tokens[SOURCE[d]], masks[SOURCE[d]]) for d in directions}
+        out = AltMoEOutput(image_target_embeds=targets["vision"], text_target_embeds=targets["text"], **predictions)
+        out.aux_loss = torch.stack([p.balance_loss for p in predictions.values()]).mean()
+        if len(directions) == len(DIRECTIONS):
+            half = 0.5 ** 0.5
+            out.image_embeds = torch.cat([F.normalize(predictions["image_to_text"].embeds, dim=-1),
+                                          F.normalize(targets["vision"], dim=-1)], -1) * half
+            out.text_embeds = torch.cat([F.normalize(targets["text"], dim=-1),
+                                         F.normalize(predictions["text_to_image"].embeds, dim=-1)], -1) * half
+            out.logits_per_text = out.text_embeds @ out.image_embeds.T / config.temperature
+            out.logits_per_image = out.logits_per_text.T
+        if return_loss:
+            losses = [config.alpha * regression_loss(p.latent, pooled[TARGET[d]], config.regression_loss)
+                      + (1 - config.alpha) * contrastive_loss(p.embeds, targets[TARGET[d]], config.temperature)
+                      for d, p in predictions.items()]
+            loss = torch.stack(losses).sum() + config.load_balance_loss_weight * out.aux_loss
+            if torch.is_grad_enabled():  # every trainable parameter joins the graph, so DDP sees a (zero) gradient
+                loss = loss + sum(0.0 * p.sum() for p in connector.parameters() if p.requires_grad)
+            out.loss = loss
+        return out
+
+    def token_features(self, **inputs) -> TokenFeatures:
+        """Run the two frozen towers alone on a batch (``pixel_values``, ``input_ids``, ``attention_mask``...) and
+        return their token features: what the connector reads, and what a feature cache stores."""
+        captured = {}
+        for modality in MODALITIES:
+            tower = self.towers[modality]
+            tower_inputs = tower.select_inputs(inputs)
+            if not tower_inputs:
+                raise ValueError(f"The batch has none of the {modality} tower's inputs {list(tower.input_names)}.")
+            with tap_last_block(tower, lambda value, m=modality: captured.__setitem__(m, value)):
+                tower.module(**tower_inputs)
+        return self._features(captured, inputs)
+
+    def _features(self, captured: dict, inputs: dict) -> TokenFeatures:
+        image, text = captured["vision"], captured["text"]
+        text_mask = inputs.get("attention_mask")
+        if text_mask is None or text_mask.shape[1] != text.shape[1]:
+            text_mask = text.new_ones(text.shape[:2], dtype=torch.long)
+        return TokenFeatures(image, image.new_ones(image.shape[:2], dtype=torch.long), text, text_mask)
+
+    # ---- forward plumbing ----------------------------------------------------------------------------------------
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        active = [name for name in self.active_adapters if name in self.peft_config]
+        if not active or self._host().disable_adapters:
+            yield
+            return
+        inputs = gather_inputs(self.model, args, kwargs)
+        captured = {}
+        with tap_last_block(self.towers["vision"], lambda value: captured.__setitem__("vision", value)), \
+                tap_last_block(self.towers["text"], lambda value: captured.__setitem__("text", value)):
+            def attach(module, args, output):
+                if set(captured) != set(MODALITIES) or not hasattr(output, "keys"):
+                    raise ValueError("Alt-MoE needs both towers to run: call the model with pixel_values and "
+                                     "input_ids (and attention_mask for padded text).")
+                features = self._features(captured, inputs)
+                result = self.connect(features.image_tokens, features.image_mask, features.text_tokens,
+                                      features.text_mask, return_loss=bool(inputs.get("return_loss")))
+                for key, value in result.items():
+                    output[key] = value
+                for key in ALIGNED_KEYS:  # a single direction has no aligned pair: drop the base's stale values
+                    if result.get(key) is None and key in output:
+                        output[key] = None
+                return output
+
+            handle = self.model.register_forward_hook(attach)
+            try:
+                yield
+            finally:
+                handle.remove()
