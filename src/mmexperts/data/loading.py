@@ -4,7 +4,9 @@ Every task comes back as a ``TaskData`` whose ``DatasetDict`` has the same colum
 
 * single-label classification: ``image`` (``datasets.Image``, RGB), ``text`` (str), ``label`` (``ClassLabel``);
 * multi-label classification: ``image``, ``text``, ``labels`` (list of 0.0/1.0 floats, one per label name);
-* retrieval: ``image``, ``captions`` (list of str), ``image_id`` (int).
+* retrieval: ``image``, ``captions`` (list of str), ``image_id`` (int);
+* feature-sequence classification (``"synthetic:factors"``, ``"multibench:<name>"``): ``modality_a`` and
+  ``modality_b`` (float32 ``Array2D`` [seq_len, dim]) and ``label`` (``ClassLabel``), splits train/validation/test.
 
 Local data (``name="local"`` or a folder path, with ``data_dir``) is a folder of images plus ``train.jsonl``,
 ``validation.jsonl`` and/or ``test.jsonl`` (or ``.csv``). Each row has ``image`` (path relative to the folder, or
@@ -32,6 +34,8 @@ from typing import Any
 import datasets
 from PIL import Image as PILImage
 
+from .factors import build_factor_dataset
+from .multibench import load_multibench
 from .synthetic import MULTILABEL_NAMES
 from .synthetic import TASKS as SYNTHETIC_TASKS
 from .synthetic import build_synthetic_splits
@@ -55,6 +59,8 @@ _DRAFT_SIZE = (64, 64)
 _CSV_STRING_COLUMNS: tuple[str, ...] = ("image", "file_name", "captions", "labels") + TEXT_COLUMNS
 
 _SYNTHETIC_TASK_TYPES = {"entailment": SINGLE_LABEL, "multilabel": MULTI_LABEL, "retrieval": RETRIEVAL}
+FACTOR_TASK = "synthetic:factors"
+MULTIBENCH_PREFIX = "multibench:"
 
 
 @dataclass(frozen=True)
@@ -147,17 +153,21 @@ def load_task(name: str, *, data_dir: str | None = None, train_size: int = 2000,
               image_size: int = 32, strict: bool = False, max_rows: int | None = None, **hub_kwargs) -> TaskData:
     """Load a task by name into standard columns (see the module docstring), dropping and counting bad rows.
 
-    ``name`` is ``"synthetic:<entailment|multilabel|retrieval>"``, a known benchmark (``KNOWN_DATASETS``:
+    ``name`` is ``"synthetic:<entailment|multilabel|retrieval|factors>"``, ``"multibench:<name>"`` (a MultiBench
+    pickle in ``data_dir``, see ``load_multibench``), a known benchmark (``KNOWN_DATASETS``:
     ``snli-ve``, ``mm-imdb``, ``food101``, ``coco``, ``flickr30k``), ``"local"`` or a folder path (read from
     ``data_dir`` / that folder), or any ``"owner/name"`` Hub id, whose columns are detected. When ``data_dir`` is
     given it is always read as a local folder, also for a known benchmark name (its task type is then checked).
     ``train_size``, ``eval_size``, ``seed`` and ``image_size`` shape the synthetic tasks only. ``max_rows`` keeps the
     first rows of the train split, before bad rows are dropped. Other keyword arguments go to
-    ``datasets.load_dataset`` for Hub datasets, or to ``build_synthetic_splits`` (``max_objects``,
-    ``captions_per_image``) for synthetic tasks. Synthetic data is generated valid and is not checked.
+    ``datasets.load_dataset`` for Hub datasets, to ``build_synthetic_splits`` (``max_objects``,
+    ``captions_per_image``) for synthetic tasks, to ``build_factor_dataset`` or to ``load_multibench``. Synthetic
+    data is generated valid and is not checked.
     """
     if max_rows is not None and (not isinstance(max_rows, int) or isinstance(max_rows, bool) or max_rows <= 0):
         raise ValueError(f"max_rows must be a positive integer or None, got {max_rows!r}")
+    if name == FACTOR_TASK or name.startswith(MULTIBENCH_PREFIX):
+        return _load_feature_task(name, data_dir, train_size, eval_size, seed, max_rows, hub_kwargs)
     if name.startswith("synthetic:"):
         return _load_synthetic(name, train_size, eval_size, seed, image_size, max_rows, hub_kwargs)
     spec = KNOWN_DATASETS.get(name.lower())
@@ -178,7 +188,8 @@ def load_task(name: str, *, data_dir: str | None = None, train_size: int = 2000,
         raw = _load_hub_dataset(name, name, hub_kwargs)
         return _prepare_hub(name, raw, None, strict, max_rows)
     raise ValueError(f"unknown dataset {name!r}; valid choices: "
-                     + ", ".join([f"synthetic:{t}" for t in SYNTHETIC_TASKS] + sorted(KNOWN_DATASETS))
+                     + ", ".join([f"synthetic:{t}" for t in SYNTHETIC_TASKS] + [FACTOR_TASK, "multibench:<name>"]
+                                 + sorted(KNOWN_DATASETS))
                      + ", 'local' (with data_dir), a folder path, or an 'owner/name' Hub dataset id")
 
 
@@ -208,6 +219,25 @@ def _load_synthetic(name: str, train_size: int, eval_size: int, seed: int, image
     for split in splits:
         report.add(split, ())
     return TaskData(splits, task_type, label_names, name, report)
+
+
+def _load_feature_task(name: str, data_dir: str | None, train_size: int, eval_size: int, seed: int,
+                       max_rows: int | None, kwargs: dict) -> TaskData:
+    """The factor generator (``eval_size`` rows in validation and test) or a MultiBench pickle from ``data_dir``;
+    extra keyword arguments go to ``build_factor_dataset`` or ``load_multibench``."""
+    if name == FACTOR_TASK:
+        splits = build_factor_dataset(num_train=train_size, num_validation=eval_size, num_test=eval_size, seed=seed,
+                                      **kwargs)
+    elif data_dir is None:
+        raise ValueError(f"{name!r} reads MultiBench's feature pickle from disk: pass data_dir=<its folder or file>")
+    else:
+        splits = load_multibench(name[len(MULTIBENCH_PREFIX):], data_dir, **kwargs)
+    if max_rows is not None and len(splits["train"]) > max_rows:
+        splits["train"] = splits["train"].select(range(max_rows))
+    report = DataReport()
+    for split in splits:
+        report.add(split, ())
+    return TaskData(splits, SINGLE_LABEL, list(splits["train"].features["label"].names), name, report)
 
 
 # ---------------------------------------------------------------------------------------------------------- local
