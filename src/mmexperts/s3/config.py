@@ -1,0 +1,114 @@
+"""Configuration of S3 adapters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from peft import PeftConfig
+
+from ..moe import DISPATCH_MODES
+from ..registry import MMExpertsPeftType
+
+_POSITIVE_INTS = ("num_experts", "latent_dim", "num_tasks", "task_embedding_dim")
+_NON_NEGATIVE_FLOATS = ("router_noise_std", "diversity_loss_weight", "balance_loss_weight", "sharpness_loss_weight",
+                        "load_balance_loss_weight", "z_loss_weight", "ssl_loss_weight", "ssl_noise_std")
+
+
+@dataclass
+class S3Config(PeftConfig):
+    """S3 (Specialization, Selection, Sparsification; Choi & Kwak, ICML 2026) over two frozen towers.
+
+    Both towers' tokens are projected into one shared latent space (plus a modality embedding). ``num_experts`` concept
+    experts each own a learnable concept key that attention-pools the tokens assigned to it, and an MLP that turns the
+    pooled vector into a concept embedding (**Specialization**). A router conditioned on the input summary and a
+    learned task embedding gates the concepts (**Selection**); one linear head per task reads the gated concepts.
+    Low-utility experts are pruned through a persistent expert mask saved with the adapter (**Sparsification**).
+    The paper's method section was not available: the design is a reconstruction (see ``model_cards/s3.md``).
+    """
+
+    num_experts: int = field(default=8, metadata={"help": "Concept experts (K)."})
+    latent_dim: int = field(default=64, metadata={"help": "Width of the shared latent space (d)."})
+    expert_hidden_dim: int | None = field(default=None, metadata={"help": "Hidden width of each expert MLP; None: 2d."})
+    expert_dim: int | None = field(default=None, metadata={"help": "Width of a concept embedding; None: d."})
+    assignment_temperature: float = field(default=0.5, metadata={
+        "help": "Temperature of the token-to-concept assignment softmax (tau_a)."})
+    router_temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of the task router."})
+    router_noise_std: float = field(default=0.0, metadata={"help": "Std of Gaussian router-logit noise, training only."})
+    top_k: int | None = field(default=None, metadata={
+        "help": "Keep each input's top-k concepts (renormalised); None: soft gating over all active concepts."})
+    num_tasks: int = field(default=1, metadata={
+        "help": "Tasks sharing the adapter; each has a learned embedding (router input) and its own head. With more "
+                "than one task, calls pass `task_ids` (batch,)."})
+    task_embedding_dim: int = field(default=16, metadata={"help": "Width of the learned task embedding."})
+    num_labels: int | None = field(default=None, metadata={
+        "help": "Classes of each task head; None: the base model's num_labels if it has a classifier, else no head "
+                "(features only). 0: no head."})
+    dropout: float = field(default=0.0, metadata={"help": "Dropout on the gated concept representation."})
+    dispatch: str = field(default="sparse", metadata={
+        "help": "'sparse': each expert runs only on the concepts routed to it (pruned experts cost nothing); "
+                "'dense': every expert on every concept (reference)."})
+    diversity_loss_weight: float = field(default=0.1, metadata={"help": "Weight of ||C C^T - I||^2 / K^2 on keys."})
+    balance_loss_weight: float = field(default=0.01, metadata={
+        "help": "Weight of KL(mean assignment || uniform): balanced concept usage."})
+    sharpness_loss_weight: float = field(default=0.01, metadata={
+        "help": "Weight of the mean per-token assignment entropy: tokens commit to concepts."})
+    load_balance_loss_weight: float = field(default=0.01, metadata={"help": "Weight of the Switch router balance loss."})
+    z_loss_weight: float = field(default=1e-3, metadata={"help": "Weight of the router z-loss."})
+    ssl_loss_weight: float = field(default=0.0, metadata={
+        "help": "Weight of the per-concept InfoNCE between two augmented views (training only); > 0 enables the "
+                "self-supervised Specialization objective (without labels it is the whole loss)."})
+    ssl_temperature: float = field(default=0.1, metadata={"help": "InfoNCE temperature."})
+    ssl_token_drop: float = field(default=0.2, metadata={"help": "Fraction of tokens each view drops."})
+    ssl_noise_std: float = field(default=0.1, metadata={"help": "Gaussian noise added to each view's latent tokens."})
+    token_layer: int = field(default=-1, metadata={
+        "help": "Index of the block in each tower whose output tokens S3 reads (default: the last block)."})
+    init_weights: bool = field(default=True, metadata={
+        "help": "True: zero-init task heads, so the adapter's logits start at exactly 0 (uniform predictions, a "
+                "deterministic start); False: random heads (for tests)."})
+    target_modules: list[str] | str | None = field(
+        default=None, metadata={"help": "Filled automatically with the two towers' token blocks."})
+    exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "Modules to leave untouched."})
+    target_parameters: list[str] | None = field(default=None, metadata={"help": "Unused; required by PEFT."})
+    modules_to_save: list[str] | None = field(default=None, metadata={"help": "Extra trainable modules."})
+    vision_hidden_size: int | None = field(default=None, metadata={"help": "Recorded at injection; checked on load."})
+    text_hidden_size: int | None = field(default=None, metadata={"help": "Recorded at injection; checked on load."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = MMExpertsPeftType.S3
+        for name in _POSITIVE_INTS:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        for name in ("expert_hidden_dim", "expert_dim"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}.")
+        if self.num_labels is not None and (not isinstance(self.num_labels, int) or self.num_labels < 0):
+            raise ValueError(f"num_labels must be an integer >= 0 or None, got {self.num_labels!r}.")
+        if self.top_k is not None and not (isinstance(self.top_k, int) and 1 <= self.top_k <= self.num_experts):
+            raise ValueError(f"top_k must be between 1 and num_experts={self.num_experts} (or None for soft gating), "
+                             f"got {self.top_k!r}; lower top_k or raise num_experts.")
+        for name in ("assignment_temperature", "router_temperature", "ssl_temperature"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}.")
+        for name in _NON_NEGATIVE_FLOATS:
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}.")
+        for name in ("dropout", "ssl_token_drop"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}.")
+        if self.dispatch not in DISPATCH_MODES:
+            raise ValueError(f"dispatch must be one of {DISPATCH_MODES}, got {self.dispatch!r}.")
+        if isinstance(self.target_modules, set):
+            self.target_modules = sorted(self.target_modules)
+
+    @property
+    def hidden_dim(self) -> int:
+        """Hidden width of each expert MLP."""
+        return self.expert_hidden_dim or 2 * self.latent_dim
+
+    @property
+    def concept_dim(self) -> int:
+        """Width of one concept embedding."""
+        return self.expert_dim or self.latent_dim

@@ -1,0 +1,319 @@
+"""The S3 tuner: wraps each tower's token block, then computes concepts, routing and task logits after the model runs."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from types import SimpleNamespace
+from typing import Iterable
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner
+from torch import nn
+from transformers.loss.loss_utils import ForSequenceClassificationLoss
+
+from ..conditioning import gather_inputs
+from ..moe.utility import (UTILITY_CRITERIA, check_mask, gate_mass, gate_output_norm, leave_one_out,
+                           prune_to_sparsity, usage_frequency)
+from ..towers import find_towers
+from .config import S3Config
+from .layer import S3ForwardState, S3Layer, S3Output
+
+HEAD_NAMES = ("classifier",)
+MODALITIES = ("vision", "text")
+OUTPUT_KEYS = ("concept_embeds", "fused_embeds", "routing_weights")
+
+
+class S3Model(BaseTuner):
+    """PEFT tuner for S3; see :class:`~mmexperts.S3Config`.
+
+    Outputs gain ``concept_embeds`` (batch, K, d_e; zero for pruned or unselected experts), ``fused_embeds`` (batch,
+    d_e; the gate-weighted sum of concepts), ``routing_weights`` (1, batch, K; one routing site, as the shared
+    (sites, batch, K) convention), ``aux_loss`` (weighted sum of the auxiliary losses) and, with a head, ``logits``
+    from S3's task heads (replacing the base head's) and ``loss`` = task loss + ``aux_loss`` (+ weighted ``ssl_loss``
+    in training). ``task_ids`` (batch,) may be passed to the forward call of multi-task adapters; it is consumed here
+    and never reaches the base model.
+    """
+
+    prefix: str = "s3_"
+    tuner_layer_cls = S3Layer
+    target_module_mapping: dict = {}
+
+    @property
+    def forward_state(self) -> S3ForwardState:
+        """Tokens recorded by the towers' blocks during the current forward call."""
+        if "_forward_state" not in self.__dict__:
+            self.__dict__["_forward_state"] = S3ForwardState()
+        return self.__dict__["_forward_state"]
+
+    @property
+    def towers(self):
+        """The model's vision and text towers (found once, before injection)."""
+        if "_towers" not in self.__dict__:
+            self.__dict__["_towers"] = find_towers(self.model)
+        return self.__dict__["_towers"]
+
+    # ---- injection ---------------------------------------------------------------------------------------------
+    def _token_block(self, modality: str, config: S3Config) -> str:
+        names = self.towers[modality].block_names
+        if not -len(names) <= config.token_layer < len(names):
+            raise ValueError(f"token_layer must index one of the {len(names)} blocks of the {modality} tower, got "
+                             f"{config.token_layer}.")
+        return names[config.token_layer]
+
+    def _prepare_adapter_config(self, peft_config: S3Config, model_config: dict) -> S3Config:
+        for modality in MODALITIES:
+            recorded, actual = getattr(peft_config, f"{modality}_hidden_size"), self.towers[modality].hidden_size
+            if recorded is not None and recorded != actual:
+                raise ValueError(
+                    f"This S3 adapter was built for a {modality} tower of hidden size {recorded}, but the model's "
+                    f"{modality} tower has hidden size {actual}. Load it onto the backbone it was trained with."
+                )
+            setattr(peft_config, f"{modality}_hidden_size", actual)
+        if peft_config.target_modules is None:
+            peft_config.target_modules = [self._token_block(m, peft_config) for m in MODALITIES]
+        if peft_config.num_labels is None:
+            has_head = any(isinstance(getattr(self.model, name, None), nn.Module) for name in HEAD_NAMES)
+            peft_config.num_labels = int(self.model.config.num_labels) if has_head else 0
+        return peft_config
+
+    def _create_and_replace(self, peft_config: S3Config, adapter_name: str, target: nn.Module, target_name: str,
+                            parent: nn.Module, current_key: str, parameter_name: str | None = None) -> None:
+        blocks = {self._token_block(m, peft_config): m for m in MODALITIES}
+        modality = blocks.get(current_key)
+        if modality is None:
+            raise ValueError(f"S3 attaches to the towers' token blocks {sorted(blocks)}; target_modules also matched "
+                             f"{current_key!r}. Leave target_modules unset.")
+        owns_core = modality == "vision"
+        if isinstance(target, S3Layer):
+            target.update_layer(adapter_name, peft_config, owns_core, peft_config.num_labels)
+            return
+        new_module = S3Layer(target, self.forward_state, modality, self.towers[modality].hidden_size)
+        new_module.update_layer(adapter_name, peft_config, owns_core, peft_config.num_labels)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        setattr(parent, child_name, new_module)
+        device = next(child.parameters()).device
+        for name, module in new_module.named_modules():
+            on_meta = any(p.device.type == "meta" for p in module.parameters())
+            if self.prefix in name and not on_meta and device.type != "meta":
+                module.to(device)
+
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        for name, param in model.named_parameters():
+            if self.prefix not in name:
+                param.requires_grad = False
+
+    # ---- forward -----------------------------------------------------------------------------------------------
+    def _layers(self) -> dict[str, S3Layer]:
+        return {module.modality: module for module in self.model.modules() if isinstance(module, S3Layer)}
+
+    def _active_names(self) -> list[str]:
+        core = self._layers().get("vision")
+        if core is None or core.disable_adapters:
+            return []
+        return [name for name in self.active_adapters if name in core.s3_core]
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        if not self._active_names():
+            yield
+            return
+        with self._recording(gather_inputs(self.model, args, kwargs), attach=True):
+            yield
+
+    @contextmanager
+    def _recording(self, inputs: dict, attach: bool):
+        """Let the token blocks record during one call; ``attach`` adds S3's results to the model's output."""
+        state = self.forward_state
+        state.reset()
+        state.recording, state.task_ids, state.labels = True, inputs.get("task_ids"), inputs.get("labels")
+        handles = [self.model.register_forward_pre_hook(_drop_task_ids, with_kwargs=True)]
+        if attach:
+            handles.append(self.model.register_forward_hook(self._attach_outputs))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            state.reset()  # drop the call's activations and graph
+
+    def compute(self, adapter_name: str) -> S3Output | None:
+        """S3 over the tokens recorded in the current call, for one adapter (None if a tower did not run)."""
+        state, layers = self.forward_state, self._layers()
+        if any(m not in state.tokens for m in MODALITIES):
+            return None
+        tokens = torch.cat([layers[m].project(adapter_name, state.tokens[m][0]) for m in MODALITIES], 1)
+        mask = torch.cat([state.tokens[m][1] for m in MODALITIES], 1)
+        core = layers["vision"]
+        return core.s3_core[adapter_name](tokens, mask, core.s3_expert_mask[adapter_name], state.task_ids)
+
+    def task_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The task loss with transformers' semantics for the base model's ``problem_type``."""
+        config = SimpleNamespace(num_labels=logits.shape[-1],
+                                 problem_type=getattr(self.model.config, "problem_type", None))
+        return ForSequenceClassificationLoss(labels.to(logits.device), logits, config)
+
+    def _attach_outputs(self, module, args, output):
+        state = self.forward_state
+        if not hasattr(output, "keys"):
+            return output
+        names = self._active_names()
+        results = {name: result for name in names if (result := self.compute(name)) is not None}
+        if not results:
+            return output
+        single = len(results) == 1
+        first = next(iter(results.values()))
+        for key in OUTPUT_KEYS:
+            values = {name: getattr(result, key) for name, result in results.items()}
+            if key == "routing_weights":
+                values = {name: value[None] for name, value in values.items()}
+            output[key] = next(iter(values.values())) if single else values
+        aux = sum(result.aux_loss for result in results.values())
+        output["aux_loss"] = aux
+        heads = [result.logits for result in results.values() if result.logits is not None]
+        extra = aux
+        ssl = [self.peft_config[n].ssl_loss_weight * r.ssl_loss for n, r in results.items() if r.ssl_loss is not None]
+        if ssl:
+            output["ssl_loss"] = first.ssl_loss if single else {n: r.ssl_loss for n, r in results.items()}
+            extra = extra + sum(ssl)
+        if heads:
+            logits = sum(heads)
+            output["logits"] = logits
+            if state.labels is not None:
+                output["loss"] = self.task_loss(logits, state.labels) + extra
+                return output
+        if output.get("loss") is not None:
+            output["loss"] = output["loss"] + extra.to(output["loss"].dtype)
+        elif ssl and self.model.training:
+            output["loss"] = extra  # the self-supervised Specialization stage: no labels
+        return output
+
+    # ---- sparsification ----------------------------------------------------------------------------------------
+    def _adapter(self, adapter_name: str | None) -> str:
+        if adapter_name is None:
+            active = self._active_names() or [n for n in self.active_adapters if n in self.peft_config]
+            if len(active) != 1:
+                raise ValueError(f"Several S3 adapters are active ({active}); pass adapter_name.")
+            return active[0]
+        if adapter_name not in self._layers()["vision"].s3_core:
+            raise ValueError(f"No S3 adapter named {adapter_name!r}; available: {sorted(self.peft_config)}.")
+        return adapter_name
+
+    def get_expert_mask(self, adapter_name: str | None = None) -> torch.Tensor:
+        """A copy of the adapter's expert mask (K,) bool; ``False`` marks pruned experts."""
+        return self._layers()["vision"].s3_expert_mask[self._adapter(adapter_name)].clone()
+
+    def set_expert_mask(self, mask, adapter_name: str | None = None) -> None:
+        """Set the adapter's persistent expert mask (saved and loaded with the adapter)."""
+        name = self._adapter(adapter_name)
+        masks = self._layers()["vision"].s3_expert_mask
+        masks[name] = check_mask(mask, masks[name].numel()).to(masks[name].device)
+
+    def active_experts(self, adapter_name: str | None = None) -> list[int]:
+        """Indices of the experts that are not pruned."""
+        return self.get_expert_mask(adapter_name).nonzero().flatten().tolist()
+
+    @torch.no_grad()
+    def routing_statistics(self, batches: Iterable[dict], adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+        """Routing weights (examples, K), concept embeddings (examples, K, d_e), logits and labels over ``batches``
+        (eval mode, one adapter, whatever adapters are active)."""
+        name = self._adapter(adapter_name)
+        was_training = self.model.training
+        self.model.eval()
+        collected = {"routing_weights": [], "concept_embeds": [], "logits": [], "labels": []}
+        try:
+            for batch in batches:
+                with self._recording(batch, attach=False):
+                    self.model(**batch)
+                    result = self.compute(name)
+                if result is None:
+                    raise ValueError("S3 needs both towers to run; pass both modalities' inputs in every batch.")
+                collected["routing_weights"].append(result.routing_weights.float())
+                collected["concept_embeds"].append(result.concept_embeds.float())
+                if result.logits is not None and batch.get("labels") is not None:
+                    collected["logits"].append(result.logits.float())
+                    collected["labels"].append(batch["labels"])
+        finally:
+            self.model.train(was_training)
+        return {k: torch.cat(v) for k, v in collected.items() if v}
+
+    @torch.no_grad()
+    def evaluate_loss(self, batches: Iterable[dict], adapter_name: str | None = None,
+                      expert_mask: torch.Tensor | None = None) -> float:
+        """Mean task loss over labelled ``batches`` (optionally under a temporary expert mask)."""
+        name = self._adapter(adapter_name)
+        saved = self.get_expert_mask(name)
+        if expert_mask is not None:
+            self.set_expert_mask(expert_mask, name)
+        try:
+            stats = self.routing_statistics(batches, name)
+        finally:
+            self.set_expert_mask(saved, name)
+        if "logits" not in stats:
+            raise ValueError("Loss-based utility needs an adapter with a task head and batches with `labels`.")
+        return float(self.task_loss(stats["logits"], stats["labels"]))
+
+    def expert_utility(self, batches: Iterable[dict], criterion: str = "loss",
+                       adapter_name: str | None = None) -> torch.Tensor:
+        """Utility (K,) of every active expert on ``batches`` (pruned experts: nan); higher is more useful.
+
+        ``"loss"`` (default): leave-one-out rise of the task loss; ``"gate_mass"``: mean routing weight; ``"usage"``:
+        top-1 routing frequency; ``"gate_output_norm"``: mean ``g_k * ||u_k||`` where active (REAP).
+        """
+        if criterion not in UTILITY_CRITERIA:
+            raise ValueError(f"criterion must be one of {UTILITY_CRITERIA}, got {criterion!r}.")
+        name = self._adapter(adapter_name)
+        batches = list(batches)
+        mask = self.get_expert_mask(name)
+        if criterion == "loss":
+            return leave_one_out(lambda m: self.evaluate_loss(batches, name, m), mask)
+        stats = self.routing_statistics(batches, name)
+        if criterion == "gate_mass":
+            return gate_mass(stats["routing_weights"], mask)
+        if criterion == "usage":
+            return usage_frequency(stats["routing_weights"], mask)
+        return gate_output_norm(stats["routing_weights"], stats["concept_embeds"], mask)
+
+    def prune(self, sparsity: float, batches: Iterable[dict], criterion: str = "loss", schedule: str = "one-shot",
+              adapter_name: str | None = None, on_prune=None) -> torch.Tensor:
+        """Prune the adapter's lowest-utility experts until ``round(sparsity * K)`` are removed; returns the mask.
+
+        ``schedule="progressive"`` removes one expert at a time, rescoring (and calling ``on_prune(mask)``, e.g. a short
+        fine-tune) after each removal.
+        """
+        name = self._adapter(adapter_name)
+        batches = list(batches)
+
+        def utility_of(mask):
+            self.set_expert_mask(mask, name)
+            return self.expert_utility(batches, criterion, name)
+
+        def apply(mask):
+            self.set_expert_mask(mask, name)
+            if on_prune is not None:
+                on_prune(mask)
+
+        mask = prune_to_sparsity(utility_of, self.get_expert_mask(name), sparsity, schedule, apply)
+        self.set_expert_mask(mask, name)
+        return mask
+
+    def restore_experts(self, adapter_name: str | None = None) -> None:
+        """Un-prune: make every expert active again."""
+        name = self._adapter(adapter_name)
+        self.set_expert_mask(torch.ones_like(self.get_expert_mask(name)), name)
+
+    def router_and_head_parameters(self, adapter_name: str | None = None) -> list[nn.Parameter]:
+        """The parameters a post-pruning fine-tune trains: the router, task embedding and heads."""
+        core = self._layers()["vision"].s3_core[self._adapter(adapter_name)]
+        params = [*core.router.parameters(), *core.task_embedding.parameters(), *core.summary_norm.parameters()]
+        return params + ([core.head_weight, core.head_bias] if core.num_labels else [])
+
+
+def _drop_task_ids(module, args, kwargs):
+    """``task_ids`` is S3's; the base model never sees it."""
+    if "task_ids" in kwargs:
+        kwargs = {k: v for k, v in kwargs.items() if k != "task_ids"}
+    return args, kwargs
