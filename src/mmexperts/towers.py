@@ -13,8 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-VISION_ATTRIBUTES = ("vision_model", "vision_tower", "vision_encoder", "image_encoder", "visual")
-TEXT_ATTRIBUTES = ("text_model", "text_encoder", "language_model")
+# Feature-sequence models (MultiBench-style) put modality a in the vision slot and modality b in the text slot.
+VISION_ATTRIBUTES = ("vision_model", "vision_tower", "vision_encoder", "image_encoder", "visual", "modality_a_model")
+TEXT_ATTRIBUTES = ("text_model", "text_encoder", "language_model", "modality_b_model")
 BLOCK_LIST_PATHS = ("layers", "encoder.layers", "encoder.layer", "transformer.layers", "transformer.resblocks")
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 VISION_INPUTS = ("pixel_values",)
