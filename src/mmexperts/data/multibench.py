@@ -67,7 +67,7 @@ _SAFE_GLOBALS = {(m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarr
                                                                                                "scalar")}
 _SAFE_GLOBALS |= {(m, "_frombuffer") for m in ("numpy.core.numeric", "numpy._core.numeric")}
 _SAFE_GLOBALS |= {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy", "str_"), ("numpy", "bytes_"),
-                  ("collections", "OrderedDict")}
+                  ("collections", "OrderedDict"), ("_codecs", "encode")}  # protocol 2 stores bytes via encode
 
 
 class _ArrayUnpickler(pickle.Unpickler):
@@ -120,9 +120,8 @@ def _crop(x: np.ndarray, starts: np.ndarray, length: int, z_norm: bool = False) 
     for i, start in enumerate(starts):
         steps = x[i, start:]
         if z_norm:  # unbiased std as torch.std; constant features and single steps become 0
-            with np.errstate(divide="ignore", invalid="ignore"):
-                steps = np.nan_to_num((steps - steps.mean(0)) / steps.std(0, ddof=1), nan=0.0, posinf=0.0,
-                                      neginf=0.0)
+            std = steps.std(0, ddof=1) if len(steps) > 1 else np.zeros(steps.shape[1], steps.dtype)
+            steps = (steps - steps.mean(0)) / np.where(std > 0, std, np.inf)
         steps = steps[:length]
         out[i, :len(steps)] = steps
     return out
