@@ -10,11 +10,14 @@ summed, unit-variance scores of the groups in ``label_from``; groups left out ar
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass
 
 import datasets
 import numpy as np
+import pyarrow as pa
+from datasets.table import InMemoryTable, table_cast
 
 FACTOR_GROUPS: tuple[str, ...] = ("shared", "unique_a", "unique_b", "synergy")
 FACTOR_LABEL_NAMES: list[str] = ["negative", "positive"]
@@ -99,19 +102,34 @@ def _split(spec: FactorSpec, size: int, maps: dict, rng: np.random.Generator) ->
     score = sum(scores[g] / np.sqrt(getattr(spec, f"{g}_dims")) for g in spec.label_from)
     row = {}
     for m in ("a", "b"):
-        groups = list(maps[m])
-        dim = spec.dim_a if m == "a" else spec.dim_b
-        slots = np.resize(np.arange(len(groups)), spec.seq_len)  # round-robin: every group gets a token
+        mapped = np.stack([np.tanh(latents[g if g in latents else f"{g}_{m}"] @ weight + bias) @ rotation
+                           for g, (weight, bias, rotation) in maps[m].items()], axis=1).astype(np.float32)
+        slots = np.resize(np.arange(mapped.shape[1]), spec.seq_len)  # round-robin: every group gets a token
         order = rng.permuted(np.tile(slots, (size, 1)), axis=1)  # per-sample token positions
-        tokens = rng.normal(0.0, spec.noise_std, (size, spec.seq_len, dim))
-        for index, group in enumerate(groups):
-            weight, bias, rotation = maps[m][group]
-            z = latents[group if group in latents else f"{group}_{m}"]
-            mapped = np.tanh(z @ weight + bias) @ rotation
-            tokens += (order == index)[:, :, None] * mapped[:, None, :]
-        row[f"modality_{m}"] = tokens.astype(np.float32)
+        noise = rng.standard_normal((size, spec.seq_len, mapped.shape[2]), dtype=np.float32) * np.float32(
+            spec.noise_std)
+        row[f"modality_{m}"] = np.take_along_axis(mapped, order[:, :, None], axis=1) + noise
     row["label"] = (score > 0).astype(np.int64)
     return row, {**latents, "score": score}
+
+
+def arrays_to_dataset(columns: dict[str, np.ndarray], features: datasets.Features, description: str,
+                      fingerprint: str) -> datasets.Dataset:
+    """An in-memory ``Dataset`` from [N, seq_len, dim] float32 arrays (``Array2D`` features) and [N] label arrays,
+    built as Arrow arrays directly: much faster than ``Dataset.from_dict``, which converts row by row."""
+    arrays = {}
+    for name, values in columns.items():
+        if values.ndim == 3:
+            n, steps, dim = values.shape
+            inner = pa.ListArray.from_arrays(pa.array(np.arange(0, n * steps * dim + 1, dim, dtype=np.int32)),
+                                             pa.array(np.ascontiguousarray(values, np.float32).ravel()))
+            arrays[name] = pa.ListArray.from_arrays(pa.array(np.arange(0, n * steps + 1, steps, dtype=np.int32)),
+                                                    inner)
+        else:
+            arrays[name] = pa.array(values)
+    table = table_cast(pa.table(arrays), features.arrow_schema)
+    info = datasets.DatasetInfo(description=description, features=features)
+    return datasets.Dataset(InMemoryTable(table), info=info, fingerprint=fingerprint)
 
 
 def build_factor_dataset(num_train: int = 2000, num_validation: int = 500, num_test: int = 500, seq_len: int = 8,
@@ -141,9 +159,9 @@ def build_factor_dataset(num_train: int = 2000, num_validation: int = 500, num_t
     splits, latents = datasets.DatasetDict(), {}
     for split, size in zip(_SPLIT_STREAMS, sizes.values()):
         row, latents[split] = _split(spec, size, maps, np.random.default_rng([seed, _SPLIT_STREAMS[split]]))
-        splits[split] = datasets.Dataset.from_dict(
-            row, features=features, info=datasets.DatasetInfo(description=json.dumps(info), features=features))
+        fingerprint = hashlib.sha256(f"{json.dumps(info)} {split} {size}".encode()).hexdigest()[:16]
+        splits[split] = arrays_to_dataset(row, features, json.dumps(info), fingerprint)
     return (splits, latents) if return_latents else splits
 
 
-__all__ = ["FACTOR_GROUPS", "FACTOR_LABEL_NAMES", "FactorSpec", "build_factor_dataset"]
+__all__ = ["FACTOR_GROUPS", "FACTOR_LABEL_NAMES", "FactorSpec", "arrays_to_dataset", "build_factor_dataset"]

@@ -23,6 +23,7 @@ file you trust.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pickle
 import random
@@ -31,6 +32,8 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+
+from .factors import arrays_to_dataset
 
 AFFECT_MODALITIES: tuple[str, ...] = ("vision", "audio", "text")
 AFFECT_SPLITS: dict[str, str] = {"train": "train", "validation": "valid", "test": "test"}
@@ -235,9 +238,11 @@ def load_multibench(name: str, data_dir: str | Path, modalities: tuple[str, str]
                            "shapes": {c: list(s) for c, s in shapes.items()}, "max_seq_len": max_seq_len,
                            "aligned": aligned, "z_norm": z_norm, "mimic_task": mimic_task if key == "mimic" else None,
                            "label_rule": spec.label_rule, "dropped_empty_text": dropped}}
+    stat = path.stat()
+    source = f"{json.dumps(info)} {stat.st_size} {stat.st_mtime_ns}"
     return datasets.DatasetDict({
-        split: datasets.Dataset.from_dict(row, features=features,
-                                          info=datasets.DatasetInfo(description=json.dumps(info), features=features))
+        split: arrays_to_dataset(row, features, json.dumps(info),
+                                 hashlib.sha256(f"{source} {split}".encode()).hexdigest()[:16])
         for split, row in rows.items()})
 
 
