@@ -47,8 +47,12 @@ class ExpertMLPs(nn.Module):
 
     def expert(self, index: int, x: torch.Tensor) -> torch.Tensor:
         """The output of expert ``index`` on tokens ``x`` (..., in_features)."""
-        hidden = getattr(F, self.activation)(torch.matmul(x, self.w1[index]) + self.b1[index])
-        return torch.matmul(self.dropout(hidden), self.w2[index]) + self.b2[index]
+        views = self.__dict__.get("_views")  # set by the sparse dispatch: per-expert views of one unbind(0) each
+        w1, b1, w2, b2 = (v[index] for v in views) if views else (self.w1[index], self.b1[index], self.w2[index],
+                                                                   self.b2[index])
+        hidden = getattr(F, self.activation)(torch.addmm(b1, x, w1) if x.dim() == 2 else torch.matmul(x, w1) + b1)
+        hidden = self.dropout(hidden)
+        return torch.addmm(b2, hidden, w2) if hidden.dim() == 2 else torch.matmul(hidden, w2) + b2
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if weights.shape[:-1] != x.shape[:-1] or weights.shape[-1] != self.num_experts:
@@ -70,8 +74,13 @@ class ExpertMLPs(nn.Module):
         token, expert = token[order], expert[order]
         counts = torch.bincount(expert, minlength=self.num_experts).tolist()
         out = x.new_zeros(x.shape[0], self.w2.shape[-1])
-        for index, tokens in enumerate(token.split(counts)):
-            if tokens.numel():
-                contribution = self.expert(index, x[tokens]) * weights[tokens, index, None]
-                out = out.index_add(0, tokens, contribution)
-        return out
+        if not token.numel():
+            return out
+        # Unbound views: the backward pass writes each stacked weight's gradient once, not once per expert.
+        self.__dict__["_views"] = (self.w1.unbind(0), self.b1.unbind(0), self.w2.unbind(0), self.b2.unbind(0))
+        try:
+            chunks = x.index_select(0, token).split(counts)  # one gather; each expert gets a contiguous slice
+            outputs = [self.expert(index, chunk) for index, chunk in enumerate(chunks) if chunk.shape[0]]
+        finally:
+            self.__dict__["_views"] = None
+        return out.index_add(0, token, torch.cat(outputs) * weights[token, expert, None])  # one scatter
