@@ -130,7 +130,7 @@ class S3Model(BaseTuner):
         state = self.forward_state
         state.reset()
         state.recording, state.task_ids, state.labels = True, inputs.get("task_ids"), inputs.get("labels")
-        handles = [self.model.register_forward_pre_hook(_drop_task_ids, with_kwargs=True)]
+        handles = [self.model.register_forward_pre_hook(_drop_task_ids, with_kwargs=True, prepend=True)]
         if attach:
             handles.append(self.model.register_forward_hook(self._attach_outputs))
         try:
