@@ -20,7 +20,8 @@ from .layer import S3ForwardState, S3Layer, S3Output
 
 HEAD_NAMES = ("classifier",)
 MODALITIES = ("vision", "text")
-OUTPUT_KEYS = ("concept_embeds", "fused_embeds", "routing_weights")
+OUTPUT_KEYS = {"concept_embeds": "concept_embeds", "fused_embeds": "fused_embeds", "routing_weights": "routing_weights",
+               "concept_assignments": "assignments"}  # output field: S3Output attribute
 
 
 class S3Model(BaseTuner):
@@ -28,7 +29,8 @@ class S3Model(BaseTuner):
 
     Outputs gain ``concept_embeds`` (batch, K, d_e; zero for pruned or unselected experts), ``fused_embeds`` (batch,
     d_e; the gate-weighted sum of concepts), ``routing_weights`` (1, batch, K; one routing site, as the shared
-    (sites, batch, K) convention), ``aux_loss`` (weighted sum of the auxiliary losses) and, with a head, ``logits``
+    (sites, batch, K) convention), ``concept_assignments`` (batch, tokens, K; token-to-concept weights over the
+    vision then the text tower's tokens, zero on padding), ``aux_loss`` (weighted sum of the auxiliary losses) and, with a head, ``logits``
     from S3's task heads (replacing the base head's) and ``loss`` = task loss + ``aux_loss`` (+ weighted ``ssl_loss``
     in training). ``task_ids`` (batch,) may be passed to the forward call of multi-task adapters; it is consumed here
     and never reaches the base model.
@@ -166,8 +168,8 @@ class S3Model(BaseTuner):
             return output
         single = len(results) == 1
         first = next(iter(results.values()))
-        for key in OUTPUT_KEYS:
-            values = {name: getattr(result, key) for name, result in results.items()}
+        for key, attribute in OUTPUT_KEYS.items():
+            values = {name: getattr(result, attribute) for name, result in results.items()}
             if key == "routing_weights":
                 values = {name: value[None] for name, value in values.items()}
             output[key] = next(iter(values.values())) if single else values
