@@ -7,7 +7,8 @@ Importing the package registers its PEFT types (``MOPE``, ``S3``, ``ALTMOE``) wi
 from . import hub
 from .altmoe import AltMoEConfig, AltMoEModel
 from .hub import push_adapter_to_hub, write_model_card
-from .modeling import VisionTextClassificationConfig, VisionTextClassifierOutput, VisionTextModelForClassification
+from .modeling import (FeatureEncoderConfig, FeatureEncoderForClassification, VisionTextClassificationConfig,
+                       VisionTextClassifierOutput, VisionTextModelForClassification)
 from .mope import MoPEConfig, MoPELayer, MoPEModel
 from .registry import MMExpertsPeftType, register_method
 from .retrieval import SearchResult, VectorStore, retrieval_recall
@@ -26,5 +27,5 @@ __all__ = [
     "VisionTextClassificationConfig", "VisionTextClassifierOutput", "VisionTextModelForClassification",
     "find_towers", "hub", "push_adapter_to_hub", "register_method", "write_model_card",
     "SearchResult", "VectorStore", "retrieval_recall",
-    "S3Config", "S3Layer", "S3Model",
+    "S3Config", "S3Layer", "S3Model", "FeatureEncoderConfig", "FeatureEncoderForClassification",
 ]
