@@ -1,0 +1,122 @@
+"""Benchmark S3: (a) cost of the S3 computation against the number of pruned experts, (b) the sparsity sweep on the
+synthetic factor data (accuracy against sparsity, mean over seeds).
+
+    python benchmarks/bench_s3.py                 # both parts, ~10 min on a quiet 2-core machine
+    python benchmarks/bench_s3.py --skip-sweep    # part (a) only, ~1 min
+    python benchmarks/bench_s3.py --seeds 0,1,2,3,4 --epochs 40
+
+(a) ``S3Core`` (K=8, d=256, expert hidden 1024) on 128 examples x 64 tokens, forward (eval, no_grad) and forward +
+backward (train), with 0..7 experts pruned through the expert mask. Every pruning level runs once per round, in an
+order that rotates each round; medians over rounds. The ideal is the fraction of active experts (the assignment over
+all K keys and the heads stay, so the measured time falls a little less than that).
+(b) ``mmexperts.s3.sweep.sparsity_sweep`` with ``SweepConfig`` defaults (see ``recipes/configs/s3_factors_sweep.yaml``):
+per seed, train the adapter once, then for each sparsity restore it, prune progressively by leave-one-out validation
+loss, fine-tune router and heads, and score the test split. Results: stdout, ``benchmarks/results/bench_s3.md`` and the
+sweep's CSV and plots in ``benchmarks/results/bench_s3_sweep/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from mmexperts import S3Config
+from mmexperts.s3 import S3Core
+from mmexperts.s3.sweep import SweepConfig, sparsity_sweep
+
+HERE = Path(__file__).resolve().parent
+
+
+def time_core(core: S3Core, tokens: torch.Tensor, mask: torch.Tensor, expert_mask: torch.Tensor, train: bool) -> float:
+    core.train(train)
+    start = time.perf_counter()
+    if train:
+        out = core(tokens, mask, expert_mask)
+        (out.logits.pow(2).mean() + out.aux_loss).backward()
+        core.zero_grad(set_to_none=True)
+    else:
+        with torch.no_grad():
+            core(tokens, mask, expert_mask)
+    return time.perf_counter() - start
+
+
+def cost_table(rounds: int, num_experts: int = 8) -> list[str]:
+    torch.manual_seed(0)
+    core = S3Core(S3Config(num_experts=num_experts, latent_dim=256, expert_hidden_dim=1024, init_weights=False),
+                  num_labels=2)
+    tokens, mask = torch.randn(128, 64, 256), torch.ones(128, 64, dtype=torch.bool)
+    levels = list(range(num_experts))
+    masks = {p: torch.arange(num_experts) < num_experts - p for p in levels}
+    times = {(mode, p): [] for mode in ("forward", "train") for p in levels}
+    for mode in ("forward", "train"):
+        for p in levels:  # warm-up
+            time_core(core, tokens, mask, masks[p], mode == "train")
+        for round_ in range(rounds):
+            for p in levels[round_ % len(levels):] + levels[:round_ % len(levels)]:
+                times[mode, p].append(time_core(core, tokens, mask, masks[p], mode == "train"))
+    rows = ["| pruned | active | ideal (active/K) | forward ms | forward / unpruned | train step ms | train / unpruned |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
+    median = {key: statistics.median(values) for key, values in times.items()}
+    for p in levels:
+        active = num_experts - p
+        rows.append(f"| {p} | {active} | {active / num_experts:.3f} | {1000 * median['forward', p]:.1f} | "
+                    f"{median['forward', p] / median['forward', 0]:.3f} | {1000 * median['train', p]:.1f} | "
+                    f"{median['train', p] / median['train', 0]:.3f} |")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--epochs", type=int, default=SweepConfig.epochs)
+    parser.add_argument("--skip-sweep", action="store_true")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--output", default=str(HERE / "results" / "bench_s3.md"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    load = os.getloadavg()[0]
+    lines = ["# S3 benchmark", "",
+             f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} "
+             f"thread(s), load average at start {load:.2f}.", "",
+             f"## (a) S3 compute against pruned experts ({args.rounds} rounds, medians)", "",
+             "S3Core, K=8, d=256, expert hidden 1024, 128 examples x 64 tokens, fp32.", "",
+             *cost_table(args.rounds)]
+    print("\n".join(lines))
+    if not args.skip_sweep:
+        config = SweepConfig(seeds=args.seeds, epochs=args.epochs,
+                             output_dir=str(Path(args.output).with_suffix("").as_posix() + "_sweep"))
+        start = time.perf_counter()
+        result = sparsity_sweep(config)
+        minutes = (time.perf_counter() - start) / 60
+        best = max(result["summary"], key=lambda row: row["mean"])
+        sweep = ["", f"## (b) Sparsity sweep on synthetic factor data ({len(config.seed_list)} seeds, {minutes:.1f} min)",
+                 "",
+                 f"{config.num_train} training / {config.num_eval} validation / {config.num_eval} test examples, label "
+                 f"from `{config.label_from}` (the other factor groups are label-irrelevant); K={config.num_experts}, "
+                 f"d={config.latent_dim}; {config.epochs} training epochs, pruning `{config.schedule}` by "
+                 f"`{config.criterion}` utility on validation, {config.finetune_epochs} router + head fine-tune epochs.",
+                 "", "| sparsity | pruned | test accuracy (mean ± std over seeds) |", "| --- | --- | --- |",
+                 *[f"| {row['sparsity']:.3f} | {row['pruned']} | {row['mean']:.4f} ± {row['std']:.4f} |"
+                   for row in result["summary"]],
+                 "",
+                 f"Peak at sparsity {best['sparsity']:.3f} ({best['mean']:.4f}); unpruned "
+                 f"{result['summary'][0]['mean']:.4f}; highest sparsity {result['summary'][-1]['mean']:.4f}. "
+                 f"Reverse U (an intermediate sparsity above both ends): "
+                 f"{'yes' if result['summary'][0]['mean'] < best['mean'] > result['summary'][-1]['mean'] else 'no'}.",
+                 "", "Files: " + ", ".join(f"`{Path(p).relative_to(HERE.parent)}`" for p in result["files"].values())]
+        print("\n".join(sweep))
+        lines += sweep
+    lines += ["", f"Load average at end {os.getloadavg()[0]:.2f}."]
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
