@@ -137,7 +137,8 @@ class S3Core(nn.Module):
         logits = None
         if self.num_labels:
             features = self.dropout(gated.reshape(batch, -1))
-            logits = torch.einsum("bi,bic->bc", features, self.head_weight[task_ids]) + self.head_bias[task_ids]
+            every_task = torch.einsum("bi,tic->btc", features, self.head_weight) + self.head_bias
+            logits = every_task[torch.arange(batch, device=tokens.device), task_ids]
         aux_losses = self.aux_losses(assignments, mask, gates, routed.logits, expert_mask)
         weights = {"diversity": config.diversity_loss_weight, "balance": config.balance_loss_weight,
                    "sharpness": config.sharpness_loss_weight, "load_balance": config.load_balance_loss_weight,
@@ -153,12 +154,11 @@ class S3Core(nn.Module):
         alive = expert_mask.nonzero().flatten()
         keys = F.normalize(self.keys[alive].float(), dim=-1)
         gram = keys @ keys.T - torch.eye(len(alive), device=keys.device)
-        real = mask.bool()
-        probs = assignments[real].float()  # (real tokens, K)
-        usage = probs[:, alive].sum(0)
+        probs = assignments.float()  # padding rows are all zero and add nothing below
+        usage = probs[..., alive].sum((0, 1))
         usage = usage / usage.sum().clamp_min(1e-9)
         balance = (usage * (usage.clamp_min(1e-9) * len(alive)).log()).sum()
-        sharpness = -(probs * probs.clamp_min(1e-9).log()).sum(-1).mean()
+        sharpness = -(probs * probs.clamp_min(1e-9).log()).sum() / mask.sum().clamp_min(1)
         return {"diversity": gram.pow(2).sum() / len(alive) ** 2, "balance": balance, "sharpness": sharpness,
                 "load_balance": switch_balance_loss(gates[:, alive]), "z": z_loss(router_logits[:, alive])}
 
