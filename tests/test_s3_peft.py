@@ -10,7 +10,7 @@ import re
 import peft
 import pytest
 import torch
-from conftest import make_batch, make_classifier, make_clip, make_dual_encoder
+from conftest import make_batch, make_classifier, make_clip, make_dual_encoder, make_siglip
 from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file
@@ -26,13 +26,13 @@ def make_features() -> FeatureEncoderForClassification:
 
 
 FACTORIES = {"classifier": make_classifier, "dual_encoder": make_dual_encoder, "clip": make_clip,
-             "features": make_features}
+             "siglip": make_siglip, "features": make_features}
 ALL_KINDS = list(FACTORIES)
 KEYS = ("logits", "concept_embeds", "fused_embeds", "routing_weights")
 
 
 def inputs_for(kind: str, seed: int = 0) -> dict:
-    """A padded batch for ``kind``; every kind gets labels for S3's head (dual encoders: S3 heads of 3 classes)."""
+    """A padded batch for ``kind``; every kind gets labels for S3's head (headless bases: S3 heads of 3 classes)."""
     if kind == "features":
         generator = torch.Generator().manual_seed(seed)
         mask = torch.ones(4, 6, dtype=torch.long)
@@ -47,7 +47,7 @@ def make_s3(kind: str, seed: int = 0, adapter_name: str = "default", base=None, 
     base = FACTORIES[kind]() if base is None else base
     torch.manual_seed(seed)
     defaults = {"num_experts": 4, "latent_dim": 16, "init_weights": False}
-    if kind in ("dual_encoder", "clip"):
+    if kind in ("dual_encoder", "clip", "siglip"):
         defaults["num_labels"] = 3
     return get_peft_model(base, S3Config(**{**defaults, **kwargs}), adapter_name=adapter_name)
 
