@@ -5,7 +5,8 @@
 One repetition = forward + backward of ``ExpertMLPs`` on (tokens x hidden) inputs with top-k routing weights from a
 softmax over random logits. Sparse and dense alternate within every round (the order flips each round), so machine
 noise hits both alike. Reported: median seconds per repetition (with min-max), the ratio of medians and the median
-of per-round paired ratios, against the ideal k/K. Results go to stdout and ``benchmarks/results/bench_moe_dispatch.md``.
+of per-round paired ratios, against the ideal k/K. Results go to stdout and
+``benchmarks/results/bench_moe_dispatch.md``.
 """
 
 from __future__ import annotations

@@ -60,7 +60,8 @@ def cost_table(rounds: int, num_experts: int = 8) -> list[str]:
         for round_ in range(rounds):
             for p in levels[round_ % len(levels):] + levels[:round_ % len(levels)]:
                 times[mode, p].append(time_core(core, tokens, mask, masks[p], mode == "train"))
-    rows = ["| pruned | active | ideal (active/K) | forward ms | forward / unpruned | train step ms | train / unpruned |",
+    rows = ["| pruned | active | ideal (active/K) | forward ms | forward / unpruned | train step ms "
+            "| train / unpruned |",
             "| --- | --- | --- | --- | --- | --- | --- |"]
     median = {key: statistics.median(values) for key, values in times.items()}
     for p in levels:
@@ -96,12 +97,14 @@ def main() -> None:
         result = sparsity_sweep(config)
         minutes = (time.perf_counter() - start) / 60
         best = max(result["summary"], key=lambda row: row["mean"])
-        sweep = ["", f"## (b) Sparsity sweep on synthetic factor data ({len(config.seed_list)} seeds, {minutes:.1f} min)",
+        seeds = len(config.seed_list)
+        sweep = ["", f"## (b) Sparsity sweep on synthetic factor data ({seeds} seeds, {minutes:.1f} min)",
                  "",
                  f"{config.num_train} training / {config.num_eval} validation / {config.num_eval} test examples, label "
                  f"from `{config.label_from}` (the other factor groups are label-irrelevant); K={config.num_experts}, "
                  f"d={config.latent_dim}; {config.epochs} training epochs, pruning `{config.schedule}` by "
-                 f"`{config.criterion}` utility on validation, {config.finetune_epochs} router + head fine-tune epochs.",
+                 f"`{config.criterion}` utility on validation, {config.finetune_epochs} router + head fine-tune "
+                 "epochs (every level, the unpruned one included).",
                  "", "| sparsity | pruned | test accuracy (mean ± std over seeds) |", "| --- | --- | --- |",
                  *[f"| {row['sparsity']:.3f} | {row['pruned']} | {row['mean']:.4f} ± {row['std']:.4f} |"
                    for row in result["summary"]],

@@ -106,8 +106,8 @@ def prune_to_sparsity(utility_of: Callable[[torch.Tensor], torch.Tensor], mask: 
     target = experts_to_prune(sparsity, mask.numel())
     pruned = int((~mask).sum())
     if pruned > target:
-        raise ValueError(f"The mask already prunes {pruned} experts, more than sparsity {sparsity} asks for ({target}); "
-                         "restore the experts first (set an all-True mask) to prune to a lower sparsity.")
+        raise ValueError(f"The mask already prunes {pruned} experts, more than sparsity {sparsity} asks for "
+                         f"({target}); restore the experts first (set an all-True mask) to prune to a lower sparsity.")
     rounds = [target - pruned] if schedule == "one-shot" else [1] * (target - pruned)
     for count in rounds:
         if count:

@@ -33,7 +33,8 @@ class S3Config(PeftConfig):
     assignment_temperature: float = field(default=0.5, metadata={
         "help": "Temperature of the token-to-concept assignment softmax (tau_a)."})
     router_temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of the task router."})
-    router_noise_std: float = field(default=0.0, metadata={"help": "Std of Gaussian router-logit noise, training only."})
+    router_noise_std: float = field(default=0.0, metadata={
+        "help": "Std of Gaussian router-logit noise, training only."})
     top_k: int | None = field(default=None, metadata={
         "help": "Keep each input's top-k concepts (renormalised); None: soft gating over all active concepts."})
     num_tasks: int = field(default=1, metadata={
@@ -52,7 +53,8 @@ class S3Config(PeftConfig):
         "help": "Weight of KL(mean assignment || uniform): balanced concept usage."})
     sharpness_loss_weight: float = field(default=0.01, metadata={
         "help": "Weight of the mean per-token assignment entropy: tokens commit to concepts."})
-    load_balance_loss_weight: float = field(default=0.01, metadata={"help": "Weight of the Switch router balance loss."})
+    load_balance_loss_weight: float = field(default=0.01, metadata={
+        "help": "Weight of the Switch router balance loss."})
     z_loss_weight: float = field(default=1e-3, metadata={"help": "Weight of the router z-loss."})
     ssl_loss_weight: float = field(default=0.0, metadata={
         "help": "Weight of the per-concept InfoNCE between two augmented views (training only); > 0 enables the "

@@ -54,9 +54,9 @@ class S3Core(nn.Module):
     """Specialization, Selection and the task heads of one S3 adapter, over tokens already in the shared space.
 
     Specialization: token t goes to concept k with ``a_tk = softmax_k(<LN(h_t), c_k> / tau_a)`` (over all K keys, so a
-    pruned concept does not hand its tokens to the others); concept k pools ``s_k = sum_t a_tk h_t / sum_t a_tk`` and its
-    expert MLP gives ``u_k = E_k(s_k)``. Selection: ``g = softmax(router([LN(mean_t h_t); e_task]) / T)`` over active
-    experts (optionally top-k). Head of task t: ``logits = W_t concat_k(g_k u_k) + b_t``.
+    pruned concept does not hand its tokens to the others); concept k pools ``s_k = sum_t a_tk h_t / sum_t a_tk``
+    and its expert MLP gives ``u_k = E_k(s_k)``. Selection: ``g = softmax(router([LN(mean_t h_t); e_task]) / T)``
+    over active experts (optionally top-k). Head of task t: ``logits = W_t concat_k(g_k u_k) + b_t``.
     """
 
     def __init__(self, config: S3Config, num_labels: int, device=None):
@@ -121,7 +121,8 @@ class S3Core(nn.Module):
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor, expert_mask: torch.Tensor,
                 task_ids: torch.Tensor | None = None) -> S3Output:
-        """``tokens`` (batch, tokens, d) in the shared space, ``mask`` (batch, tokens) real tokens, ``expert_mask`` (K,)."""
+        """``tokens`` (batch, tokens, d) in the shared space, ``mask`` (batch, tokens) real tokens, ``expert_mask``
+        (K,) active experts."""
         config = self.config
         batch = tokens.shape[0]
         tokens = tokens.to(self.keys.dtype)

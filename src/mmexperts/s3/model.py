@@ -1,4 +1,4 @@
-"""The S3 tuner: wraps each tower's token block, then computes concepts, routing and task logits after the model runs."""
+"""The S3 tuner: wraps each tower's token block, then computes concepts, routing and logits after the model runs."""
 
 from __future__ import annotations
 
@@ -30,10 +30,10 @@ class S3Model(BaseTuner):
     Outputs gain ``concept_embeds`` (batch, K, d_e; zero for pruned or unselected experts), ``fused_embeds`` (batch,
     d_e; the gate-weighted sum of concepts), ``routing_weights`` (1, batch, K; one routing site, as the shared
     (sites, batch, K) convention), ``concept_assignments`` (batch, tokens, K; token-to-concept weights over the
-    vision then the text tower's tokens, zero on padding), ``aux_loss`` (weighted sum of the auxiliary losses) and, with a head, ``logits``
-    from S3's task heads (replacing the base head's) and ``loss`` = task loss + ``aux_loss`` (+ weighted ``ssl_loss``
-    in training). ``task_ids`` (batch,) may be passed to the forward call of multi-task adapters; it is consumed here
-    and never reaches the base model.
+    vision then the text tower's tokens, zero on padding), ``aux_loss`` (weighted sum of the auxiliary losses) and,
+    with a head, ``logits`` from S3's task heads (replacing the base head's) and ``loss`` = task loss + ``aux_loss``
+    (+ weighted ``ssl_loss`` in training). ``task_ids`` (batch,) may be passed to the forward call of multi-task
+    adapters; it is consumed here and never reaches the base model.
     """
 
     prefix: str = "s3_"

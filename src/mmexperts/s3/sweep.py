@@ -3,8 +3,8 @@
 Per seed: a :class:`~mmexperts.FeatureEncoderForClassification` with frozen towers gets an S3 adapter, which trains on
 the task (after an optional self-supervised Specialization stage). For every sparsity of the grid the trained adapter
 is restored, pruned on the validation split (utility criterion and schedule as configured), its router and heads are
-fine-tuned briefly, and validation and test accuracy are recorded. Results: a CSV, a PNG of accuracy against sparsity
-(mean and std over seeds) and a PNG of expert usage per class.
+fine-tuned briefly (the unpruned level too), and validation and test accuracy are recorded. Results: a CSV, a PNG of
+accuracy against sparsity (mean and std over seeds) and a PNG of expert usage per class.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ class SweepConfig:
     """Everything one sweep needs; every field is also a ``recipes/sweep_s3.py`` option."""
 
     dataset: str = field(default="factors", metadata={
-        "help": "'factors' (synthetic, offline) or 'multibench:<name>' (mosi, mosei, sarcasm, humor, mimic) with data_dir."})
+        "help": "'factors' (synthetic, offline) or 'multibench:<name>' (mosi, mosei, sarcasm, humor, mimic) with "
+                "data_dir."})
     data_dir: str | None = field(default=None, metadata={"help": "Folder of the MultiBench pickles."})
     num_train: int = field(default=600, metadata={"help": "Factor data: training examples."})
     num_eval: int = field(default=400, metadata={"help": "Factor data: validation and test examples (each)."})
@@ -158,10 +159,13 @@ def evaluate(model: torch.nn.Module, loader: DataLoader) -> dict[str, float]:
 
 def prune_and_finetune(model: peft.PeftModel, sparsity: float, validation: list[dict], train: DataLoader,
                        config: SweepConfig) -> torch.Tensor:
-    """Prune to ``sparsity`` by validation utility, then fine-tune the router and heads; returns the expert mask."""
+    """Prune to ``sparsity`` by validation utility, then fine-tune the router and heads; returns the expert mask.
+
+    The unpruned level gets the same fine-tune, so every level has had the same training.
+    """
     tuner = model.base_model
     mask = tuner.prune(sparsity, validation, criterion=config.criterion, schedule=config.schedule)
-    if config.finetune_epochs and not bool(mask.all()):
+    if config.finetune_epochs:
         with only_trainable(model, tuner.router_and_head_parameters()):
             fit(model, train, config.finetune_epochs, config.learning_rate, config.weight_decay)
     return mask
@@ -179,6 +183,7 @@ def run_seed(config: SweepConfig, seed: int) -> tuple[list[dict], dict]:
     fit(model, train, config.epochs, config.learning_rate, config.weight_decay)
     trained = {k: v.clone() for k, v in peft.get_peft_model_state_dict(model).items()}
     routing = model.base_model.routing_statistics(test)
+    routing["label_names"] = data["test"].features["label"].names
     rows = []
     for sparsity in config.sparsity_grid:
         peft.set_peft_model_state_dict(model, trained)
@@ -244,7 +249,7 @@ def sparsity_sweep(config: SweepConfig) -> dict:
             writer.writerows(rows)
         plot_sparsity_curve(summary, folder / "accuracy_vs_sparsity.png", f"S3 on {config.dataset}")
         first = routings[0]
-        plot_routing(first["routing_weights"][None].numpy(), first["labels"].numpy(), None,
+        plot_routing(first["routing_weights"][None].numpy(), first["labels"].numpy(), first["label_names"],
                      folder / "expert_usage.png", title=f"S3 expert usage per class (seed {config.seed_list[0]})")
         (folder / "config.txt").write_text("\n".join(f"{k}: {v}" for k, v in asdict(config).items()))
     files = {name: str(Path(config.output_dir) / name)
