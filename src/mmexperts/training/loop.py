@@ -18,7 +18,7 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import AutoImageProcessor, AutoTokenizer, get_scheduler
+from transformers import AutoImageProcessor, AutoTokenizer, VisionTextDualEncoderModel, get_scheduler
 
 from ..atomic import atomic_directory
 from ..data.collate import MultimodalCollator
@@ -27,8 +27,10 @@ from ..hub import push_adapter_to_hub, write_model_card
 from ..metrics import load_metric
 from ..modeling import VisionTextModelForClassification
 from ..plots import plot_routing
+from ..retrieval import VectorStore, retrieval_recall
+from .alternating import DirectionSchedule, schedule_step
 from .config import SYNTHETIC_BACKBONES, TrainConfig
-from .methods import default_classifier_input, method_config
+from .methods import RETRIEVAL_METHODS, default_classifier_input, method_config
 from .probes import fit_linear_probe, pooled_features
 
 logger = logging.getLogger(__name__)
@@ -122,22 +124,27 @@ class Trainer:
             self.task = load_task(config.dataset, data_dir=config.data_dir, train_size=config.train_size,
                                   eval_size=config.eval_size, seed=config.seed, image_size=config.image_size,
                                   strict=config.strict_data, max_rows=config.max_train_rows)
-        if self.task.task_type == "retrieval":
-            raise ValueError(f"{config.dataset} is a retrieval task; the classification recipe needs a labelled "
-                             "task such as synthetic:entailment or synthetic:multilabel.")
+        self.retrieval = self.task.task_type == "retrieval"
+        if self.retrieval and config.method not in RETRIEVAL_METHODS:
+            raise ValueError(f"{config.dataset} is a retrieval task, which trains a connector method "
+                             f"({sorted(RETRIEVAL_METHODS)}); --method {config.method} needs a labelled task such as "
+                             "synthetic:entailment or synthetic:multilabel.")
         if accelerator.is_main_process and sum(self.task.report.total.values()):
             logger.warning("Dropped bad rows: %s", self.task.report)
         self.multi_label = self.task.task_type == "multi_label_classification"
         peft_config = method_config(config.method, config.method_kwargs)
-        self.base = VisionTextModelForClassification.from_vision_text_pretrained(
-            vision_path, text_path, num_labels=len(self.task.label_names), problem_type=self.task.task_type,
-            classifier_input=config.classifier_input or default_classifier_input(peft_config),
-            id2label=dict(enumerate(self.task.label_names)))
+        if self.retrieval:  # two towers, no head: the adapter aligns their embeddings
+            self.base = VisionTextDualEncoderModel.from_vision_text_pretrained(vision_path, text_path)
+        else:
+            self.base = VisionTextModelForClassification.from_vision_text_pretrained(
+                vision_path, text_path, num_labels=len(self.task.label_names), problem_type=self.task.task_type,
+                classifier_input=config.classifier_input or default_classifier_input(peft_config),
+                id2label=dict(enumerate(self.task.label_names)))
         self.model = peft.get_peft_model(self.base, peft_config)
         self.collator = MultimodalCollator(AutoTokenizer.from_pretrained(text_path),
                                            AutoImageProcessor.from_pretrained(vision_path),
                                            task_type=self.task.task_type, max_length=config.max_length,
-                                           num_labels=len(self.task.label_names))
+                                           num_labels=len(self.task.label_names) or None)
         train_split = self.task.dataset["train"]
         eval_split = self.task.dataset["validation" if "validation" in self.task.dataset else "test"]
         self.train_loader = DataLoader(train_split, batch_size=config.batch_size, shuffle=True, drop_last=True,
@@ -157,6 +164,7 @@ class Trainer:
                                   num_training_steps=self.max_steps * accelerator.num_processes)
         self.model, self.optimizer, self.train_loader, self.eval_loader, self.scheduler = accelerator.prepare(
             self.model, optimizer, self.train_loader, self.eval_loader, scheduler)
+        self.schedule = DirectionSchedule.for_model(self.model)  # None unless the adapter has directions
         accelerator.register_for_checkpointing(self.state)
         accelerator.register_save_state_pre_hook(self._keep_adapter_weights_only)
         if config.report_to != "none":
@@ -207,9 +215,11 @@ class Trainer:
             self.train_loader.set_epoch(epoch)
             loader = accelerator.skip_first_batches(self.train_loader, skip) if skip else self.train_loader
             for batch in loader:
-                with accelerator.accumulate(self.model):
-                    loss = self.model(**batch).loss
+                with accelerator.accumulate(self.model), schedule_step(self.schedule, self.model, self.state.step):
+                    loss = self.model(**self.model_inputs(batch)).loss
                     accelerator.backward(loss)
+                    if self.schedule is not None and accelerator.sync_gradients:
+                        self.schedule.release_inactive(self.model, self.state.step)
                     if accelerator.sync_gradients and config.max_grad_norm > 0:
                         accelerator.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
                     self.optimizer.step()
@@ -256,9 +266,35 @@ class Trainer:
         accelerator.wait_for_everyone()
         return target
 
+    def model_inputs(self, batch: dict, return_loss: bool = True) -> dict:
+        """The model's keyword arguments for a batch; retrieval batches carry image ids and ask for the loss."""
+        if not self.retrieval:
+            return batch
+        return {**{k: v for k, v in batch.items() if k != "image_ids"}, "return_loss": return_loss}
+
+    @torch.no_grad()
+    def evaluate_retrieval(self) -> dict:
+        """Recall@1/5/10 in both directions and RSUM on the evaluation split (one caption per image): each direction's
+        queries search a vector store of the other modality's target embeddings."""
+        accelerator = self.accelerator
+        self.model.eval()
+        parts = []
+        for batch in self.eval_loader:
+            out = self.model(**self.model_inputs(batch, return_loss=False))
+            parts.append([t.float().cpu() for t in accelerator.gather_for_metrics(
+                (out.image_to_text.embeds, out.text_to_image.embeds, out.image_target_embeds, out.text_target_embeds,
+                 batch["image_ids"]))])
+        self.model.train()
+        image_queries, text_queries, image_targets, text_targets, ids = (torch.cat(c) for c in zip(*parts))
+        ids = ids.long()
+        return retrieval_recall(VectorStore(image_targets, ids), VectorStore(text_targets, ids),
+                                image_queries=image_queries, text_queries=text_queries)
+
     @torch.no_grad()
     def evaluate(self) -> tuple[dict, np.ndarray | None, np.ndarray]:
         """Metrics on the evaluation split, plus the routing weights (blocks, examples, experts) and labels."""
+        if self.retrieval:
+            return self.evaluate_retrieval(), None, None
         accelerator = self.accelerator
         self.model.eval()
         logits, labels, routing = [], [], []
@@ -277,7 +313,7 @@ class Trainer:
 
     @property
     def main_metric(self) -> str:
-        return "f1_micro" if self.multi_label else "accuracy"
+        return "rsum" if self.retrieval else "f1_micro" if self.multi_label else "accuracy"
 
     def evaluate_and_keep_best(self) -> dict:
         metrics, _, _ = self.evaluate()
@@ -321,7 +357,7 @@ class Trainer:
         self.save_adapter(self.output_dir / "adapter")
         results = {"method": config.method, "dataset": config.dataset, "steps": self.state.step,
                    "best_step": self.state.best_step, **{f"eval_{k}": v for k, v in metrics.items()}}
-        if config.unimodal_baselines and accelerator.is_main_process:
+        if config.unimodal_baselines and accelerator.is_main_process and not self.retrieval:
             for modality, score in self.unimodal_baselines().items():
                 results[f"{modality}_only_{self.main_metric}"] = score
         model = accelerator.unwrap_model(self.model)

@@ -9,6 +9,7 @@ from ..mope import MoPEConfig
 from ..s3 import S3Config
 
 METHODS: dict[str, type[PeftConfig]] = {"mope": MoPEConfig, "altmoe": AltMoEConfig, "s3": S3Config}
+RETRIEVAL_METHODS = {"altmoe"}  # methods that align two towers, trained on retrieval tasks
 
 
 def method_config(name: str, kwargs: dict) -> PeftConfig:
