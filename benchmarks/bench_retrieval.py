@@ -4,8 +4,8 @@
 
 Gallery: ``n`` synthetic embeddings in ``clusters`` clusters (their centres in related groups of ~10), each cluster
 a centre plus a low-dimensional (``--intrinsic``) spread plus small isotropic noise, L2-normalised, so approximate
-search has structure to exploit, as real embeddings do. Queries: randomly drawn gallery items plus Gaussian noise, renormalised; each query's
-"source" item is its correct answer. All methods run in this process with the same thread count
+search has structure to exploit, as real embeddings do. Queries: randomly drawn gallery items plus Gaussian
+noise, renormalised; each query's "source" item is its correct answer. All methods run in this process with the same thread count
 (``torch.set_num_threads`` and ``faiss.omp_set_num_threads``) and answer all queries in one batched call.
 
 Reported per method: build time, queries/s (median of ``--repeats`` timed passes after one warm-up), Recall@10
@@ -107,7 +107,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--small", action="store_true", help="20k vectors in 20 clusters, 128 cells, 500 queries: a quick check")
+    parser.add_argument("--small", action="store_true",
+                        help="20k vectors in 20 clusters, 128 cells, 500 queries: a quick check")
     args = parser.parse_args()
     if args.small:
         args.n, args.clusters, args.nlist, args.queries = 20_000, 20, 128, 500
@@ -161,7 +162,8 @@ def write_report(args, rows, total_s) -> None:
         "",
         f"Command: `python benchmarks/bench_retrieval.py{' --small' if args.small else ''}` "
         f"(n={args.n}, dim={args.dim}, clusters={args.clusters}, intrinsic dim={args.intrinsic}, "
-        f"spread={args.spread}, queries={args.queries}, query noise={args.noise}, threads={args.threads}, k={K}, seed={args.seed}).",
+        f"spread={args.spread}, queries={args.queries}, query noise={args.noise}, threads={args.threads}, k={K}, "
+        f"seed={args.seed}).",
         "",
         "Queries/s: all queries in one batched call, median of "
         f"{args.repeats} passes after a warm-up. Recall@10: overlap with the exact top 10. Hit@10: the query's source "
