@@ -5,8 +5,9 @@
 Gallery: ``n`` synthetic embeddings in ``clusters`` clusters (their centres in related groups of ~10), each cluster
 a centre plus a low-dimensional (``--intrinsic``) spread plus small isotropic noise, L2-normalised, so approximate
 search has structure to exploit, as real embeddings do. Queries: randomly drawn gallery items plus Gaussian
-noise, renormalised; each query's "source" item is its correct answer. All methods run in this process with the same thread count
-(``torch.set_num_threads`` and ``faiss.omp_set_num_threads``) and answer all queries in one batched call.
+noise, renormalised; each query's "source" item is its correct answer. All methods run in this process with the
+same thread count (``torch.set_num_threads`` and ``faiss.omp_set_num_threads``) and answer all queries in one
+batched call.
 
 Reported per method: build time, queries/s (median of ``--repeats`` timed passes after one warm-up), Recall@10
 against the exact top 10 (``|top10 & exact top10| / 10``, the usual ANN measure; exact = torch brute force), and
