@@ -117,10 +117,16 @@ def test_per_modality_probes_see_what_the_factors_promise(label_from, expect_a, 
     ({"synergy_dims": 0, "label_from": ("shared", "synergy")}, "give them synergy_dims > 0"),
     ({"noise_std": -0.1}, "noise_std must be a finite number >= 0, got -0.1"),
     ({"seq_len": 3}, "seq_len=3 is shorter than the 4 factor groups of modality a"),
+    ({"seed": -1}, "seed must be an integer >= 0, got -1"),
 ])
 def test_bad_arguments_raise_clear_errors(kwargs, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("+", r"\+")):
         build_factor_dataset(**{**SMALL, **kwargs})
+
+
+def test_spec_of_other_data_is_a_clear_error():
+    with pytest.raises(ValueError, match="not built by build_factor_dataset"):
+        FactorSpec.from_info(datasets.DatasetInfo(description="MultiBench mosi"))
 
 
 def test_load_task_builds_the_factor_task():

@@ -50,7 +50,11 @@ class FactorSpec:
     @classmethod
     def from_info(cls, info: datasets.DatasetInfo) -> FactorSpec:
         """The spec of a split built by ``build_factor_dataset`` (``FactorSpec.from_info(ds["train"].info)``)."""
-        fields = json.loads(info.description)["factors"]
+        try:
+            fields = json.loads(info.description or "")["factors"]
+        except (ValueError, KeyError, TypeError):
+            raise ValueError("this dataset was not built by build_factor_dataset: its DatasetInfo.description holds "
+                             f"no factor record ({(info.description or '')[:80]!r})") from None
         return cls(**{**fields, "label_from": tuple(fields["label_from"])})
 
 
@@ -69,6 +73,8 @@ def _check(spec: FactorSpec, sizes: dict[str, int]) -> None:
     empty = [g for g in spec.label_from if getattr(spec, f"{g}_dims") == 0]
     if empty:
         raise ValueError(f"label_from names groups with 0 dims: {empty}; give them {empty[0]}_dims > 0 or drop them")
+    if not isinstance(spec.seed, int) or isinstance(spec.seed, bool) or spec.seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {spec.seed!r}")
     if not isinstance(spec.noise_std, (int, float)) or not np.isfinite(spec.noise_std) or spec.noise_std < 0:
         raise ValueError(f"noise_std must be a finite number >= 0, got {spec.noise_std!r}")
     for m in ("a", "b"):
