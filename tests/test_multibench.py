@@ -219,3 +219,9 @@ def test_missing_modality_and_bad_mimic_task(tmp_path):
     _write_mimic(tmp_path)
     with pytest.raises(ValueError, match="mimic_task must be -1 .* 0..19, got 20"):
         load_multibench("mimic", tmp_path, mimic_task=20)
+    raw = _write_mimic(tmp_path)
+    raw["y_icd9"][3, 1] = 2.0
+    with open(tmp_path / "im.pk", "wb") as f:
+        pickle.dump(raw, f)
+    with pytest.raises(ValueError, match=r"y_icd9\[:, 1\] must hold 0/1 labels, found \[2.0\]"):
+        load_multibench("mimic", tmp_path, mimic_task=1)

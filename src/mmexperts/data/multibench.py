@@ -173,7 +173,11 @@ def _mimic_splits(data: dict, modalities: tuple[str, str], max_seq_len: int | No
         positive = np.asarray(data["adm_labels_all"])[:, 1:6] > 0
         labels = np.where(positive.any(1), positive.argmax(1) + 1, 0)
     else:
-        labels = icd9[:, mimic_task].astype(np.int64)
+        labels = icd9[:, mimic_task]
+        if not np.isin(labels, (0, 1)).all():
+            raise ValueError(f"y_icd9[:, {mimic_task}] must hold 0/1 labels, found "
+                             f"{sorted(set(labels.tolist()) - {0, 1})[:5]}")
+        labels = labels.astype(np.int64)
     order = list(range(len(labels)))
     random.Random(10).shuffle(order)  # the permutation of MultiBench's random.seed(10); random.shuffle(...)
     n = len(order)
