@@ -90,6 +90,7 @@ class AltMoEModel(BaseTuner):
 
     prefix: str = "altmoe_"
     tuner_layer_cls = AltMoELayer
+    directions = DIRECTIONS
     target_module_mapping: dict = {}
 
     @property
@@ -142,7 +143,10 @@ class AltMoEModel(BaseTuner):
         new_module.update_layer(adapter_name, peft_config)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
-        setattr(parent, target_name, new_module)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        setattr(parent, child_name, new_module)  # blocks are not weight layers: nothing to copy or move
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         for name, param in model.named_parameters():

@@ -1,0 +1,185 @@
+"""Alt-MoE as a PEFT method: outputs on CLIP / dual encoder / SigLIP, padding, PEFT behaviours, cache, bad input."""
+
+from __future__ import annotations
+
+import peft
+import pytest
+import torch
+from peft import PeftModel
+from torch import nn
+
+from conftest import HIDDEN, make_batch, make_clip, make_dual_encoder, make_siglip
+from mmexperts import AltMoEConfig, TowerDiscoveryError
+from mmexperts.altmoe.features import CachedFeatures, FeatureConnector, cache_features
+
+FACTORIES = {"clip": make_clip, "dual_encoder": make_dual_encoder, "siglip": make_siglip}
+WIDTH = 16
+
+
+def make(kind: str = "clip", seed: int = 0, **overrides) -> PeftModel:
+    settings = dict(num_experts=4, top_k=2, hidden_size=WIDTH, dropout=0.0, init_weights=False)
+    base = FACTORIES[kind]()
+    torch.manual_seed(seed)
+    return peft.get_peft_model(base, AltMoEConfig(**{**settings, **overrides})).eval()
+
+
+def inputs(seed: int = 0) -> dict:
+    return make_batch(with_labels=False, seed=seed)
+
+
+def connector_params(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "altmoe_" in n}
+
+
+@pytest.mark.parametrize("kind", list(FACTORIES))
+def test_outputs_keep_the_base_class_with_aligned_embeddings(kind):
+    model = make(kind)
+    base_out = model.get_base_model()(**inputs())
+    with torch.no_grad():
+        out = model(**inputs(), return_loss=True)
+    assert type(out) is type(base_out)
+    assert out.image_embeds.shape == out.text_embeds.shape == (4, 2 * WIDTH)
+    assert out.logits_per_image.shape == (4, 4)
+    torch.testing.assert_close(out.logits_per_text, out.text_embeds @ out.image_embeds.T / 0.03)
+    torch.testing.assert_close(out.logits_per_image, out.logits_per_text.T)
+    assert out.image_to_text.embeds.shape == out.text_to_image.embeds.shape == (4, WIDTH)
+    assert out.image_to_text.latent.shape == out.text_to_image.latent.shape == (4, HIDDEN)
+    assert out.image_target_embeds.shape == out.text_target_embeds.shape == (4, WIDTH)
+    assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+    assert out.image_to_text.routing["contrastive"].shape[-1] == 4
+    assert (out.image_to_text.routing["contrastive"] > 0).sum(-1).eq(2).all()  # top-2 of 4 experts per token
+    with torch.no_grad():
+        assert model(**inputs()).loss is None  # a loss only with return_loss=True
+
+
+def test_token_features_are_the_mean_of_the_last_two_hidden_layers():
+    model = make("clip")
+    batch = inputs()
+    features = model.base_model.token_features(**batch)
+    base = model.get_base_model()
+    vision = base.vision_model(pixel_values=batch["pixel_values"], output_hidden_states=True).hidden_states
+    text = base.text_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           output_hidden_states=True).hidden_states
+    torch.testing.assert_close(features.image_tokens, (vision[-2] + vision[-1]) / 2)
+    torch.testing.assert_close(features.text_tokens, (text[-2] + text[-1]) / 2)
+    torch.testing.assert_close(features.text_mask, batch["attention_mask"])
+
+
+@pytest.mark.parametrize("kind", ["clip", "dual_encoder"])
+def test_padding_does_not_change_outputs(kind):
+    model = make(kind)
+    batch = inputs()
+    padded = dict(batch)
+    padded["input_ids"] = torch.cat([batch["input_ids"], torch.ones(4, 3, dtype=torch.long)], 1)
+    padded["attention_mask"] = torch.cat([batch["attention_mask"], torch.zeros(4, 3, dtype=torch.long)], 1)
+    with torch.no_grad():
+        short, long = model(**batch), model(**padded)
+    for name in ("image_embeds", "text_embeds"):
+        torch.testing.assert_close(getattr(long, name), getattr(short, name), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(long.text_to_image.latent, short.text_to_image.latent, atol=1e-5, rtol=1e-5)
+
+
+def test_only_connector_parameters_train_and_disable_gives_the_base():
+    model = make("clip").train()
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if "altmoe_" not in n}
+    before = connector_params(model)
+    assert all(p.requires_grad == ("altmoe_" in n) for n, p in model.named_parameters())
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model(**inputs(), return_loss=True).loss.backward()
+    optimizer.step()
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)
+    model.eval()
+    with torch.no_grad(), model.disable_adapter():
+        disabled = model(**inputs())
+    expected = model.get_base_model()(**inputs())
+    torch.testing.assert_close(disabled.image_embeds, expected.image_embeds)
+    assert "image_to_text" not in disabled
+
+
+def test_init_weights_makes_each_routed_branch_a_residual_identity():
+    model = make("clip", init_weights=True)
+    connector = model.base_model.connector()
+    tokens = torch.randn(3, 5, WIDTH)
+    real = torch.ones(3, 5, dtype=torch.bool)
+    for branch in ("contrastive", "regression"):
+        out, _, _ = connector._branch(tokens, real, branch)
+        torch.testing.assert_close(out, tokens + connector.task_embeds[branch])
+    assert not torch.equal(make("clip", init_weights=False).base_model.connector().norms["regression"].weight,
+                           torch.zeros(WIDTH))
+
+
+def test_save_load_and_hub_round_trip(tmp_path, fake_hub):
+    model = make("clip", seed=3)
+    with torch.no_grad():
+        expected = model(**inputs())
+    model.save_pretrained(tmp_path / "adapter")
+    loaded = PeftModel.from_pretrained(make_clip(), tmp_path / "adapter").eval()
+    model.push_to_hub("someone/altmoe-tiny")
+    hub = PeftModel.from_pretrained(make_clip(), "someone/altmoe-tiny").eval()
+    for other in (loaded, hub):
+        with torch.no_grad():
+            got = other(**inputs())
+        torch.testing.assert_close(got.image_embeds, expected.image_embeds, rtol=0, atol=0)
+        torch.testing.assert_close(got.text_to_image.latent, expected.text_to_image.latent, rtol=0, atol=0)
+    (upload,) = fake_hub.uploads
+    assert b"Alt-MoE" in upload["files"]["README.md"] and b"library_name: peft" in upload["files"]["README.md"]
+    assert b'"peft_type": "ALTMOE"' in upload["files"]["adapter_config.json"]
+
+
+def test_delete_and_unload_restore_the_base():
+    model = make("clip")
+    model.add_adapter("other", AltMoEConfig(num_experts=2, top_k=1, hidden_size=8))
+    model.delete_adapter("other")
+    assert not any(".other." in n for n, _ in model.named_parameters())
+    reference = make_clip()
+    base = model.unload()
+    assert not any("altmoe_" in n for n, _ in base.named_parameters())
+    assert base.state_dict().keys() == reference.state_dict().keys()
+
+
+def test_sparse_and_dense_dispatch_and_the_pooled_variant():
+    with torch.no_grad():
+        sparse, dense = make("clip")(**inputs()), make("clip", dispatch="dense")(**inputs())
+        pooled = make("clip", pooled_input=True)(**inputs())
+    torch.testing.assert_close(sparse.image_embeds, dense.image_embeds, atol=1e-5, rtol=1e-5)
+    assert pooled.image_to_text.routing["contrastive"].shape == (4, 4)  # one pooled token per example
+    assert not torch.allclose(pooled.image_embeds, sparse.image_embeds)
+
+
+def test_training_on_cached_features_equals_running_the_towers(tmp_path):
+    batch = {**inputs(), "image_ids": torch.arange(4)}
+    cache_features(make("clip"), [batch], tmp_path / "features")
+    cached = CachedFeatures(tmp_path / "features")
+    assert len(cached) == 4 and cached.vision_hidden_size == cached.text_hidden_size == HIDDEN
+    tower_model, cache_model = make("clip").train(), make("clip").train()
+    results = []
+    for model, run in ((tower_model, lambda m: m(**inputs(), return_loss=True)),
+                       (cache_model, lambda m: FeatureConnector(m)(**CachedFeatures.collate(list(cached))))):
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        loss = run(model).loss
+        loss.backward()
+        optimizer.step()
+        results.append((loss.detach(), connector_params(model)))
+    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-6, rtol=1e-6)
+    for name, value in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], value, atol=1e-6, rtol=1e-6)
+
+
+def test_bad_input_fails_clearly(tmp_path):
+    with pytest.raises(ValueError, match="top_k=5 exceeds num_experts=4"):
+        AltMoEConfig(num_experts=4, top_k=5)
+    model = make("clip")
+    with pytest.raises(ValueError, match="Unknown Alt-MoE direction 'image2text'.*image_to_text"):
+        with model.base_model.direction("image2text"):
+            pass
+    with pytest.raises(TowerDiscoveryError, match="no vision tower"):
+        peft.get_peft_model(nn.Sequential(nn.Linear(2, 2)), AltMoEConfig())
+    features = model.base_model.token_features(**inputs())
+    with pytest.raises(ValueError, match=rf"image_tokens must have shape \(batch, length, {HIDDEN}\).*got \(4, 26, 7\)"):
+        model.base_model.connect(torch.randn(4, 26, 7), None, features.text_tokens, features.text_mask)
+    model.save_pretrained(tmp_path / "adapter")
+    wider = make_clip()
+    wider.vision_model.config.hidden_size = 48
+    with pytest.raises(ValueError, match="vision tower of hidden size 32.*has hidden size 48"):
+        PeftModel.from_pretrained(wider, tmp_path / "adapter")
