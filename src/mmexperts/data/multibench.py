@@ -113,7 +113,8 @@ def _read_pickle(path: Path, trust_pickle: bool) -> dict:
 def _require(data: dict, keys: tuple[str, ...], where: str) -> None:
     missing = [k for k in keys if k not in data]
     if missing:
-        raise ValueError(f"{where} lacks {missing}; it has {sorted(map(str, data))}. Is this the right MultiBench file?")
+        raise ValueError(f"{where} lacks {missing}; it has {sorted(map(str, data))}. Is this the right MultiBench "
+                         "file?")
 
 
 def _crop(x: np.ndarray, starts: np.ndarray, length: int, z_norm: bool = False) -> np.ndarray:
