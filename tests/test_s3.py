@@ -168,6 +168,15 @@ def test_multi_task_heads_and_router_follow_task_ids():
     assert not torch.allclose(mixed.logits[0], other.logits[0])
 
 
+def test_sum_head_reads_the_fused_concepts():
+    model = feature_s3(head_input="sum", init_weights=False).eval()
+    core = model.base_model._layers()["vision"].s3_core["default"]
+    assert core.head_weight.shape == (1, 16, 2)
+    with torch.no_grad():
+        out = model(**factor_batches(8, seed=0, batch=8)[0][0])
+    torch.testing.assert_close(out.logits, out.fused_embeds @ core.head_weight[0] + core.head_bias[0])
+
+
 def test_padding_does_not_change_the_concepts():
     model = peft.get_peft_model(make_classifier(), S3Config(num_experts=4, latent_dim=16, init_weights=False)).eval()
     batch = make_batch()
@@ -222,6 +231,7 @@ def test_recipe_trains_s3(backbones, tmp_path):  # noqa: F811
     ({"num_experts": 0}, "num_experts must be a positive integer"),
     ({"dispatch": "fast"}, "dispatch must be one of"),
     ({"ssl_token_drop": 1.0}, r"ssl_token_drop must be in \[0, 1\)"),
+    ({"head_input": "mean"}, "head_input must be one of"),
 ])
 def test_bad_config_is_rejected(kwargs, match):
     with pytest.raises(ValueError, match=match):

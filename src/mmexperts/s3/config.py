@@ -9,6 +9,7 @@ from peft import PeftConfig
 from ..moe import DISPATCH_MODES
 from ..registry import MMExpertsPeftType
 
+HEAD_INPUTS = ("concat", "sum")
 _POSITIVE_INTS = ("num_experts", "latent_dim", "num_tasks", "task_embedding_dim")
 _NON_NEGATIVE_FLOATS = ("router_noise_std", "diversity_loss_weight", "balance_loss_weight", "sharpness_loss_weight",
                         "load_balance_loss_weight", "z_loss_weight", "ssl_loss_weight", "ssl_noise_std")
@@ -44,6 +45,9 @@ class S3Config(PeftConfig):
     num_labels: int | None = field(default=None, metadata={
         "help": "Classes of each task head; None: the base model's num_labels if it has a classifier, else no head "
                 "(features only). 0: no head."})
+    head_input: str = field(default="concat", metadata={
+        "help": "What the task heads read: 'concat' (every gated concept in its own slot) or 'sum' (the fused "
+                "gate-weighted sum, one d_e vector)."})
     dropout: float = field(default=0.0, metadata={"help": "Dropout on the gated concept representation."})
     dispatch: str = field(default="sparse", metadata={
         "help": "'sparse': each expert runs only on the concepts routed to it (pruned experts cost nothing); "
@@ -100,6 +104,8 @@ class S3Config(PeftConfig):
         for name in ("dropout", "ssl_token_drop"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}.")
+        if self.head_input not in HEAD_INPUTS:
+            raise ValueError(f"head_input must be one of {HEAD_INPUTS}, got {self.head_input!r}.")
         if self.dispatch not in DISPATCH_MODES:
             raise ValueError(f"dispatch must be one of {DISPATCH_MODES}, got {self.dispatch!r}.")
         if isinstance(self.target_modules, set):

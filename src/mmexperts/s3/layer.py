@@ -56,7 +56,7 @@ class S3Core(nn.Module):
     Specialization: token t goes to concept k with ``a_tk = softmax_k(<LN(h_t), c_k> / tau_a)`` (over all K keys, so a
     pruned concept does not hand its tokens to the others); concept k pools ``s_k = sum_t a_tk h_t / sum_t a_tk``
     and its expert MLP gives ``u_k = E_k(s_k)``. Selection: ``g = softmax(router([LN(mean_t h_t); e_task]) / T)``
-    over active experts (optionally top-k). Head of task t: ``logits = W_t concat_k(g_k u_k) + b_t``.
+    over active experts (optionally top-k). Head of task t: ``logits = W_t concat_k(g_k u_k) + b_t`` (or ``W_t sum_k g_k u_k``).
     """
 
     def __init__(self, config: S3Config, num_labels: int, device=None):
@@ -74,7 +74,8 @@ class S3Core(nn.Module):
                              top_k=config.top_k, learn_keys=True, device=device)
         self.num_labels = num_labels
         if num_labels:
-            shape = (config.num_tasks, k * config.concept_dim, num_labels)
+            width = k * config.concept_dim if config.head_input == "concat" else config.concept_dim
+            shape = (config.num_tasks, width, num_labels)
             self.head_weight = nn.Parameter(torch.zeros(shape, device=device))
             self.head_bias = nn.Parameter(torch.zeros(config.num_tasks, num_labels, device=device))
             if not config.init_weights:
@@ -137,7 +138,7 @@ class S3Core(nn.Module):
         gated = gates[..., None] * concepts
         logits = None
         if self.num_labels:
-            features = self.dropout(gated.reshape(batch, -1))
+            features = self.dropout(gated.reshape(batch, -1) if config.head_input == "concat" else gated.sum(1))
             every_task = torch.einsum("bi,tic->btc", features, self.head_weight) + self.head_bias
             logits = every_task[torch.arange(batch, device=tokens.device), task_ids]
         aux_losses = self.aux_losses(assignments, mask, gates, routed.logits, expert_mask)

@@ -48,6 +48,7 @@ class SweepConfig:
     num_experts: int = field(default=8, metadata={"help": "Concept experts K."})
     latent_dim: int = field(default=32, metadata={"help": "Shared latent width d."})
     top_k: int | None = field(default=None, metadata={"help": "Router top-k (None: soft gating)."})
+    head_input: str = field(default="concat", metadata={"help": "What the heads read: 'concat' or 'sum'."})
     ssl_loss_weight: float = field(default=0.0, metadata={"help": "Weight of the per-concept InfoNCE in training."})
     ssl_epochs: int = field(default=0, metadata={"help": "Self-supervised Specialization epochs before training."})
     hidden_size: int = field(default=40, metadata={"help": "Width of the frozen feature towers."})
@@ -108,6 +109,7 @@ def build_model(data, config: SweepConfig, seed: int) -> peft.PeftModel:
         feature_dim_a=len(example["modality_a"][0]), feature_dim_b=len(example["modality_b"][0]),
         hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers, num_labels=num_labels))
     s3 = S3Config(num_experts=config.num_experts, latent_dim=config.latent_dim, top_k=config.top_k,
+                  head_input=config.head_input,
                   ssl_loss_weight=config.ssl_loss_weight)
     return peft.get_peft_model(base, s3)
 
