@@ -1,0 +1,92 @@
+"""Alt-MoE training: the direction schedule, the retrieval recipe end to end, and two processes under Accelerate."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import make_batch
+from mmexperts.training import train
+from mmexperts.training.alternating import DirectionSchedule
+from test_altmoe import make
+from test_training import ROOT, _launch_env, backbones, tiny_config  # noqa: F401  (backbones is a fixture)
+
+RETRIEVAL = dict(method="altmoe", dataset="synthetic:retrieval",
+                 method_config={"num_experts": 4, "top_k": 2, "hidden_size": 16, "init_weights": False})
+
+
+def test_alternating_schedule_strictly_alternates_and_resumes_by_step():
+    schedule = DirectionSchedule(("image_to_text", "text_to_image"))
+    assert [schedule.direction_at(s) for s in range(5)] == ["image_to_text", "text_to_image"] * 2 + ["image_to_text"]
+    assert DirectionSchedule(("image_to_text", "text_to_image"), "joint").direction_at(7) is None
+    with pytest.raises(ValueError, match="schedule mode must be one of .*'alternating', 'joint'.*got 'random'"):
+        DirectionSchedule(("image_to_text",), "random")
+
+
+def test_each_step_trains_one_direction_and_joint_sums_both():
+    model = make("clip").train()
+    schedule = DirectionSchedule.for_model(model)
+    assert schedule.mode == "alternating" and schedule.directions == ("image_to_text", "text_to_image")
+    tuner, batch = model.base_model, {**make_batch(with_labels=False), "return_loss": True}
+    for step, active in ((0, "image_to_text"), (1, "text_to_image")):
+        model.zero_grad(set_to_none=True)
+        with schedule.step(model, step):
+            out = model(**batch)
+            out.loss.backward()
+        schedule.release_inactive(model, step)
+        other = "text_to_image" if active == "image_to_text" else "image_to_text"
+        assert out.get(active) is not None and out.get(other) is None and out.image_embeds is None
+        assert all(p.grad is not None for p in tuner.direction_parameters(active))
+        assert all(p.grad is None for p in tuner.direction_parameters(other))
+        assert tuner.connector().experts.w1.grad is not None  # the shared experts learn on every step
+    assert tuner.active_direction is None  # the context restored "both"
+    with torch.no_grad():
+        losses = {}
+        for direction in ("image_to_text", "text_to_image", None):
+            with tuner.direction(direction):
+                losses[direction] = model.eval()(**batch).loss
+    torch.testing.assert_close(losses[None], losses["image_to_text"] + losses["text_to_image"])
+
+
+def test_retrieval_recipe_trains_and_reports_recall(backbones, tmp_path):
+    results = train(tiny_config(backbones, tmp_path, **RETRIEVAL))
+    expected = {f"eval_{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)} | {"eval_rsum"}
+    assert expected <= set(results) and results["steps"] == 6
+    assert all(0 <= results[key] <= 100 for key in expected - {"eval_rsum"})
+    assert results["eval_rsum"] == pytest.approx(sum(results[k] for k in expected - {"eval_rsum"}))
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "ALTMOE"
+    assert "eval_rsum" in (tmp_path / "adapter" / "README.md").read_text()
+
+
+@pytest.mark.skipif(shutil.which("mpirun") is None, reason="OpenMPI's mpirun is not installed (.ci/run installs it)")
+def test_two_cpu_processes_train_identical_connectors(backbones, tmp_path):
+    vision, text = backbones
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=2\n")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+               "--num_machines", "1", "--mpirun_hostfile", str(hostfile), "--num_cpu_threads_per_process", "1",
+               str(ROOT / "tests" / "scripts" / "train_and_dump_ranks.py"),
+               "--vision_model", vision, "--text_model", text, "--output_dir", str(tmp_path / "run"),
+               "--method", "altmoe", "--dataset", "synthetic:retrieval", "--train_size", "64", "--eval_size", "32",
+               "--batch_size", "8", "--max_steps", "4", "--eval_steps", "2", "--save_steps", "2",
+               "--warmup_steps", "1", "--learning_rate", "1e-2", "--no_unimodal_baselines",
+               "--method_config", json.dumps(RETRIEVAL["method_config"])]
+    run = subprocess.run(command, env=_launch_env(), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    ranks = [load_file(tmp_path / "run" / f"rank_{rank}.safetensors") for rank in (0, 1)]
+    assert json.loads((tmp_path / "run" / "world.json").read_text())["num_processes"] == 2
+    assert ranks[0].keys() == ranks[1].keys() and ranks[0]
+    for key in ranks[0]:
+        torch.testing.assert_close(ranks[0][key], ranks[1][key], rtol=0, atol=0)
+    initial = load_file(tmp_path / "run" / "rank_0_initial.safetensors")
+    changed = {key for key in initial if not torch.equal(initial[key], ranks[0][key])}
+    assert any("input_projections.image_to_text" in key for key in changed)
+    assert any("input_projections.text_to_image" in key for key in changed)
+    assert "eval_rsum" in json.loads((tmp_path / "run" / "metrics.json").read_text())
