@@ -108,6 +108,25 @@ def test_save_pretrained_and_from_pretrained_roundtrip(kind, tmp_path):
     assert_same(run(loaded.eval(), kind), expected)
 
 
+@pytest.mark.parametrize("low_cpu_mem_usage", [False, True])
+def test_checkpoint_loads_under_any_adapter_name(tmp_path, low_cpu_mem_usage):
+    model = make_s3("dual_encoder")
+    model.base_model.set_expert_mask(torch.tensor([True, True, False, True]))
+    expected = run(model.eval(), "dual_encoder")
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    assert not any(".default" in k for k in saved)  # checkpoint keys do not depend on the adapter's name
+    loaded = PeftModel.from_pretrained(make_dual_encoder(), tmp_path, adapter_name="first",
+                                       low_cpu_mem_usage=low_cpu_mem_usage)
+    result = loaded.load_adapter(tmp_path, adapter_name="second", low_cpu_mem_usage=low_cpu_mem_usage)
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    assert {p.device.type for p in loaded.parameters()} == {"cpu"}
+    for name in ("first", "second"):
+        loaded.set_adapter(name)
+        assert loaded.base_model.active_experts() == [0, 1, 3]
+        assert_same(run(loaded.eval(), "dual_encoder"), expected)
+
+
 def test_prune_save_load_keeps_outputs_and_active_experts(tmp_path):
     model = make_s3("classifier", num_experts=6)
     train_steps(model, "classifier")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from contextlib import contextmanager
 from types import SimpleNamespace
 from typing import Iterable
@@ -102,6 +103,13 @@ class S3Model(BaseTuner):
             on_meta = any(p.device.type == "meta" for p in module.parameters())
             if self.prefix in name and not on_meta and device.type != "meta":
                 module.to(device)
+
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        """Checkpoint key of a model key: the adapter name follows an S3 container (``s3_core.<name>.experts.w1``),
+        not only in PEFT's usual last-or-second-to-last place, so it is removed right after the container."""
+        containers = "|".join(S3Layer.adapter_layer_names + S3Layer.other_param_names)
+        return re.sub(rf"((?:^|\.)(?:{containers}))\.{re.escape(adapter_name)}(?=\.|$)", r"\1", key, count=1)
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         for name, param in model.named_parameters():
