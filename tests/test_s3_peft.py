@@ -1,6 +1,6 @@
 """PEFT behaviours of S3 adapters on tiny two-tower models: save/load through ``PeftModel.from_pretrained`` (pruned
-masks included), only adapter parameters train, ``disable_adapter``, several adapters, ``delete_adapter``, merge
-refusal, ``unload``, and per-call hooks cleaned up."""
+masks included, any adapter name, offline Hub round trip), only adapter parameters train, ``disable_adapter``, several
+adapters, ``delete_adapter``, merge refusal, ``unload``, and per-call hooks cleaned up."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file
 
 from mmexperts import (FeatureEncoderConfig, FeatureEncoderForClassification, MMExpertsPeftType, S3Config, S3Layer,
-                       S3Model)
+                       S3Model, VisionTextModelForClassification)
 
 
 def make_features() -> FeatureEncoderForClassification:
@@ -249,3 +249,21 @@ def test_bfloat16_base_with_float32_adapter():
     with torch.no_grad():
         out = model(**batch)
     assert torch.isfinite(out.logits).all() and torch.isfinite(out.loss)
+
+
+def test_push_to_hub_with_card_then_load_by_repo_id_offline(fake_hub, tmp_path):
+    from huggingface_hub import ModelCard
+
+    base_dir = tmp_path / "base"
+    make_classifier().save_pretrained(base_dir)
+    model = make_s3("classifier", base=VisionTextModelForClassification.from_pretrained(base_dir).eval())
+    model.base_model.set_expert_mask(torch.tensor([True, False, True, True]))
+    expected = run(model.eval(), "classifier")
+    model.push_to_hub("someone/s3-tiny")
+    (upload,) = fake_hub.uploads
+    card = ModelCard(upload["files"]["README.md"].decode())
+    assert card.data.library_name == "peft" and {"mmexperts", "s3"} <= set(card.data.tags)
+    assert "S3" in card.text and "PeftModel.from_pretrained" in card.text
+    loaded = PeftModel.from_pretrained(VisionTextModelForClassification.from_pretrained(base_dir), "someone/s3-tiny")
+    assert loaded.base_model.active_experts() == [0, 2, 3]
+    assert_same(run(loaded.eval(), "classifier"), expected)
