@@ -1,6 +1,6 @@
 """Benchmark Alt-MoE on the offline caption <-> image benchmark, over the frozen tiny pretrained towers.
 
-    python benchmarks/bench_altmoe.py [--steps 1500] [--train-size 4000] [--eval-size 1000] [--threads 2]
+    python benchmarks/bench_altmoe.py [--steps 600] [--train-size 4000] [--eval-size 1000] [--threads 1]
 
 The towers (the offline benchmark's pretrained tiny ViT and BERT) run once: their token features are cached with
 ``mmexperts.altmoe.features.cache_features`` (every caption of every image), and every variant then trains its
@@ -9,7 +9,8 @@ connector on the cached features with the same seed, data order, optimiser and s
 directions and RSUM, under the multi-caption protocol (every caption; an image query hits if any of its captions
 ranks in the top K) and the pairwise protocol (one caption per image).
 
-Variants (all: width 128, top-2 of 8 experts unless noted, tau 0.03, alpha 0.5, smooth-L1, AdamW lr 1e-3)
+Variants (all: width 128, top-2 of 8 experts unless noted, tau 0.03, alpha 0.5, smooth-L1, AdamW lr 3e-3,
+batch 128, linear warm-up over 5 % of the steps, gradient clipping 1.0)
   untrained          the connector at initialisation (init_weights=False: reference init), no training
   moe-alternating    the paper's recipe: one direction per optimiser step, strictly alternating
   moe-joint          both directions' losses summed every step (same number of optimiser steps)
@@ -66,9 +67,12 @@ def cache_split(model, task, split: str, collator_kwargs: dict, folder: Path, ca
     """Cache features of every (image, caption) pair of a split: caption c of every image in file ``c``."""
     paths = []
     for caption in range(captions):
-        collator = MultimodalCollator(**collator_kwargs, caption_index=caption)
-        loader = DataLoader(task.dataset[split], batch_size=batch_size, collate_fn=collator)
-        paths.append(cache_features(model, loader, folder / f"{split}_{caption}"))
+        path = folder / f"{split}_{caption}"
+        if not path.exists():
+            collator = MultimodalCollator(**collator_kwargs, caption_index=caption)
+            loader = DataLoader(task.dataset[split], batch_size=batch_size, collate_fn=collator)
+            cache_features(model, loader, path)
+        paths.append(path)
     return [CachedFeatures(path) for path in paths]
 
 
@@ -177,15 +181,17 @@ def time_steps(backbones, rows: Rows, batch_size: int, repeats: int, seed: int) 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--train-size", type=int, default=4000)
     parser.add_argument("--eval-size", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--timing-repeats", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="Keep the cached tower features here and reuse them (default: a temporary folder).")
     parser.add_argument("--output", type=Path, default=HERE / "results" / "bench_altmoe.md")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -196,11 +202,13 @@ def main(argv=None) -> int:
     collator_kwargs = dict(tokenizer=AutoTokenizer.from_pretrained(backbones.text),
                            image_processor=AutoImageProcessor.from_pretrained(backbones.vision),
                            task_type="retrieval", max_length=64)
-    with tempfile.TemporaryDirectory() as folder:
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = args.cache_dir / f"{backbones.vision.parent.name}-{args.train_size}-{args.eval_size}" \
+            if args.cache_dir else Path(scratch)
         featurizer = build_model(backbones, AltMoEConfig(**BASE), args.seed)
         cache_began = time.perf_counter()
-        train_parts = cache_split(featurizer, task, "train", collator_kwargs, Path(folder), captions, 256)
-        eval_parts = cache_split(featurizer, task, "validation", collator_kwargs, Path(folder), captions, 256)
+        train_parts = cache_split(featurizer, task, "train", collator_kwargs, folder, captions, 256)
+        eval_parts = cache_split(featurizer, task, "validation", collator_kwargs, folder, captions, 256)
         cache_seconds = time.perf_counter() - cache_began
     rows = Rows(concat(train_parts))
     print(f"cached {len(rows)} training pairs and {len(eval_parts[0])} x {captions} evaluation pairs in "
@@ -233,7 +241,7 @@ def render(results: dict, timing: dict, args, captions: int, train_pairs: int, e
     lines = [f"# Alt-MoE on the offline caption <-> image benchmark",
              "",
              f"Command: `python benchmarks/bench_altmoe.py --steps {args.steps} --train-size {args.train_size} "
-             f"--eval-size {args.eval_size} --batch-size {args.batch_size} --threads {args.threads}`",
+             f"--eval-size {args.eval_size} --batch-size {args.batch_size} --lr {args.lr} --threads {args.threads}`",
              "",
              f"Frozen tiny pretrained ViT + BERT (offline benchmark backbones); {train_pairs} cached training pairs "
              f"({args.train_size} images x {captions} captions); evaluation on {args.eval_size} held-out images x "
