@@ -12,7 +12,7 @@ import torch
 from transformers import AutoImageProcessor, AutoModel, AutoTokenizer, BertModel, ViTModel
 
 from mmexperts.data import backbones as module
-from mmexperts.data.backbones import PretrainedBackbones, default_cache_dir, pretrained_backbones
+from mmexperts.data.backbones import RECIPE_VERSION, PretrainedBackbones, default_cache_dir, pretrained_backbones
 from mmexperts.data.synthetic import make_scenes
 
 STEPS = dict(vision_steps=3, text_steps=3, show_progress=False)
@@ -46,10 +46,10 @@ def _count_builds(monkeypatch) -> list[int]:
 
 def test_layout_and_report(built):
     cache, result = built
-    folder = cache / "v1-seed0-32px-vision3-text3"
+    folder = cache / f"{RECIPE_VERSION}-seed0-32px-vision3-text3"
     assert (result.vision, result.text) == (folder / "vision", folder / "text")
     assert json.loads((folder / "report.json").read_text()) == result.report
-    assert {"vision_attribute_f1", "vision_cell_accuracy", "text_mlm_accuracy", "text_mlm_unigram_accuracy",
+    assert {"vision_attribute_f1", "vision_cell_accuracy", "text_mlm_accuracy", "text_mlm_unigram_accuracy", "text_cls_token_accuracy",
             "seconds"} <= set(result.report)
     assert 0 <= result.report["vision_attribute_f1"] <= 1 and 0 <= result.report["text_mlm_accuracy"] <= 1
     assert [p.name for p in cache.iterdir() if not p.name.endswith(".lock")] == [folder.name]
@@ -104,7 +104,7 @@ def test_other_steps_or_seed_are_separate_builds(built, monkeypatch):
     _forbid_training(monkeypatch)
     with pytest.raises(AssertionError, match="pretrained again"):
         pretrained_backbones(cache_dir=cache, seed=1, **STEPS)
-    assert not (cache / "v1-seed1-32px-vision3-text3").exists()
+    assert not (cache / f"{RECIPE_VERSION}-seed1-32px-vision3-text3").exists()
 
 
 def test_build_is_deterministic_and_leaves_global_rng_alone(built, tmp_path):
@@ -138,7 +138,7 @@ def test_interrupted_build_leaves_nothing_that_counts(tmp_path, monkeypatch):
 
 def test_leftover_staging_folder_is_not_a_cache_hit(built, tmp_path, monkeypatch):
     _, complete = built
-    name = "v1-seed0-32px-vision3-text3"
+    name = f"{RECIPE_VERSION}-seed0-32px-vision3-text3"
     stale = tmp_path / f".{name}.partial-999999"  # what a killed build leaves behind
     stale.mkdir()
     for tower in ("vision", "text"):
@@ -148,7 +148,7 @@ def test_leftover_staging_folder_is_not_a_cache_hit(built, tmp_path, monkeypatch
     result = pretrained_backbones(cache_dir=tmp_path, **STEPS)
     assert calls == [1] and result.vision == tmp_path / name / "vision"
     assert not stale.exists()  # cleaned up under the lock
-    half = tmp_path / "v1-seed0-32px-vision3-text4"  # a final-looking folder without its report is no cache either
+    half = tmp_path / f"{RECIPE_VERSION}-seed0-32px-vision3-text4"  # a final-looking folder without its report is no cache either
     (half / "vision").mkdir(parents=True)
     pretrained_backbones(cache_dir=tmp_path, vision_steps=3, text_steps=4, show_progress=False)
     assert calls == [1, 1] and (half / "report.json").is_file()
@@ -177,7 +177,7 @@ def test_force_rebuilds(built, tmp_path, monkeypatch):
     calls = _count_builds(monkeypatch)
     pretrained_backbones(cache_dir=tmp_path, force=True, **STEPS)
     assert calls == [1] and [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == \
-        ["v1-seed0-32px-vision3-text3"]
+        [f"{RECIPE_VERSION}-seed0-32px-vision3-text3"]
 
 
 def test_default_cache_dir(monkeypatch, tmp_path):

@@ -2,7 +2,8 @@
 
 Fusion methods are meant to sit on frozen *pretrained* encoders. With no Hub access, the offline benchmark pretrains
 its own: a small ViT learns, from images alone, the colour and shape of the object in each grid cell (multi-label),
-and a small BERT learns the caption language by masked-language modelling. Both are written once, atomically, and
+and a small BERT learns the caption language by masked-language modelling while its [CLS] feature learns to
+reconstruct the whole caption (a sentence-level objective, the role next-sentence prediction plays for BERT's [CLS]). Both are written once, atomically, and
 reused by every later call (and every process) with the same recipe, seed, image size and step counts.
 """
 
@@ -36,7 +37,7 @@ except ImportError:  # pragma: no cover
 
 __all__ = ["PretrainedBackbones", "cell_targets", "default_cache_dir", "pretrained_backbones"]
 
-RECIPE_VERSION = "v1"
+RECIPE_VERSION = "v2"
 HIDDEN, LAYERS, HEADS, INTERMEDIATE = 64, 4, 4, 128
 MAX_TEXT_LENGTH = 64
 DEFAULT_VISION_STEPS, DEFAULT_TEXT_STEPS = 2000, 1000
@@ -48,6 +49,7 @@ REPORT_FILE = "report.json"
 VISION_BATCH, VISION_LR, VISION_POOL_PIXELS, VISION_EVAL, VISION_MAX_OBJECTS = 64, 3e-3, 32768 * 32 * 32, 1000, 5
 TEXT_BATCH, TEXT_LR, TEXT_POOL, TEXT_EVAL, TEXT_MAX_OBJECTS = 64, 2e-3, 32768, 2000, 5
 CAPTIONS_PER_SCENE, QUERY_FRACTION, MASK_PROBABILITY = 4, 0.1, 0.15
+SENTENCE_POSITIONS = 24  # caption tokens the [CLS] feature is trained to reconstruct
 _VISION_STREAM, _TEXT_STREAM = 101, 102  # keep these data streams apart from the task builders' streams
 
 
@@ -237,8 +239,38 @@ def _mask(input_ids: torch.Tensor, special: torch.Tensor, tokenizer, generator: 
     return inputs, labels
 
 
+class _SentenceMLM(nn.Module):
+    """BERT MLM plus a [CLS] decoder that reads every caption token back from the [CLS] feature alone."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.mlm = BertForMaskedLM(config)
+        self.positions = nn.Parameter(torch.randn(SENTENCE_POSITIONS, config.hidden_size) * 0.02)
+        self.project = nn.Linear(config.hidden_size, config.hidden_size)
+        self.decode = nn.Linear(config.hidden_size, config.vocab_size)
+
+    def sentence_logits(self, cls: torch.Tensor) -> torch.Tensor:
+        return self.decode(nn.functional.gelu(self.project(cls)[:, None] + self.positions))
+
+    def forward(self, input_ids, attention_mask, labels, sentence):
+        out = self.mlm(input_ids=input_ids, attention_mask=attention_mask, labels=labels, output_hidden_states=True)
+        logits = self.sentence_logits(out.hidden_states[-1][:, 0])
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1), sentence.flatten(), ignore_index=-100)
+        out.loss = out.loss + loss
+        return out
+
+
+def _sentence_targets(input_ids: torch.Tensor, special: torch.Tensor) -> torch.Tensor:
+    """The caption's word ids at positions 0..SENTENCE_POSITIONS-1 (special tokens and padding dropped), else -100."""
+    targets = torch.full((len(input_ids), SENTENCE_POSITIONS), -100, dtype=torch.long)
+    for row, (ids, mask) in enumerate(zip(input_ids, special)):
+        words = ids[~mask][:SENTENCE_POSITIONS]
+        targets[row, :len(words)] = words
+    return targets
+
+
 def _pretrain_text(folder: Path, steps: int, seed: int, progress: bool) -> dict:
-    """Train a tiny BERT by masked-language modelling on captions; save its encoder and the tokenizer."""
+    """Train a tiny BERT by MLM and [CLS] caption reconstruction; save its encoder and the tokenizer."""
     tokenizer = build_tokenizer(model_max_length=MAX_TEXT_LENGTH)
 
     def encode(texts: list[str]) -> dict:
@@ -253,14 +285,16 @@ def _pretrain_text(folder: Path, steps: int, seed: int, progress: bool) -> dict:
                         num_attention_heads=HEADS, intermediate_size=INTERMEDIATE,
                         max_position_embeddings=MAX_TEXT_LENGTH, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(seed)
-    model = BertForMaskedLM(BertConfig(**architecture))
+    model = _SentenceMLM(BertConfig(**architecture))
     generator = torch.Generator().manual_seed(seed)
+    train["sentence"] = _sentence_targets(train["input_ids"], train["special_tokens_mask"])
 
     def batch(rows: torch.Tensor) -> dict:
         length = int(train["attention_mask"][rows].sum(1).max())  # drop the padding no text of the batch needs
         inputs, labels = _mask(train["input_ids"][rows, :length], train["special_tokens_mask"][rows, :length],
                                tokenizer, generator, 0.8, 0.1)
-        return {"input_ids": inputs, "attention_mask": train["attention_mask"][rows, :length], "labels": labels}
+        return {"input_ids": inputs, "attention_mask": train["attention_mask"][rows, :length], "labels": labels,
+                "sentence": train["sentence"][rows]}
 
     rows = _epochs(len(train["input_ids"]), TEXT_BATCH, generator)
     loss = _loop(model, steps, TEXT_LR, (batch(r) for r in rows), "pretraining text backbone", progress)
@@ -268,15 +302,21 @@ def _pretrain_text(folder: Path, steps: int, seed: int, progress: bool) -> dict:
     inputs, labels = _mask(test["input_ids"], test["special_tokens_mask"], tokenizer,
                            torch.Generator().manual_seed(seed + 1), 1.0, 0.0)
     with torch.no_grad():
-        logits = model(input_ids=inputs, attention_mask=test["attention_mask"]).logits
+        logits = model.mlm(input_ids=inputs, attention_mask=test["attention_mask"]).logits
+        cls = model.mlm.bert(input_ids=test["input_ids"], attention_mask=test["attention_mask"]).last_hidden_state[:, 0]
+        sentence = _sentence_targets(test["input_ids"], test["special_tokens_mask"])
+        known = sentence != -100
+        read_back = (model.sentence_logits(cls).argmax(-1) == sentence) | ~known
     targets = labels != -100
     words = train["input_ids"][~train["special_tokens_mask"]]
     commonest = torch.bincount(words, minlength=len(tokenizer)).argmax()
-    encoder = _encoder_from(model.bert, BertModel(BertConfig(**architecture), add_pooling_layer=True))
+    encoder = _encoder_from(model.mlm.bert, BertModel(BertConfig(**architecture), add_pooling_layer=True))
     encoder.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return {"text_mlm_accuracy": (logits.argmax(-1)[targets] == labels[targets]).float().mean().item(),
             "text_mlm_unigram_accuracy": (labels[targets] == commonest).float().mean().item(),
+            "text_cls_token_accuracy": ((read_back & known).sum() / known.sum()).item(),
+            "text_cls_sentence_exact_match": read_back.all(-1).float().mean().item(),
             "text_final_train_loss": loss, "text_parameters": _count(encoder),
             "text_train_texts": len(train["input_ids"]), "text_eval_texts": len(test["input_ids"])}
 
