@@ -176,7 +176,8 @@ def test_bad_input_fails_clearly(tmp_path):
     with pytest.raises(TowerDiscoveryError, match="no vision tower"):
         peft.get_peft_model(nn.Sequential(nn.Linear(2, 2)), AltMoEConfig())
     features = model.base_model.token_features(**inputs())
-    with pytest.raises(ValueError, match=rf"image_tokens must have shape \(batch, length, {HIDDEN}\).*got \(4, 26, 7\)"):
+    bad_shape = rf"image_tokens must have shape \(batch, length, {HIDDEN}\).*got \(4, 26, 7\)"
+    with pytest.raises(ValueError, match=bad_shape):
         model.base_model.connect(torch.randn(4, 26, 7), None, features.text_tokens, features.text_mask)
     model.save_pretrained(tmp_path / "adapter")
     wider = make_clip()

@@ -28,7 +28,8 @@ FEATURE_KEYS = ("image_tokens", "image_mask", "text_tokens", "text_mask")
 def _tuner(model: nn.Module) -> AltMoEModel:
     tuner = getattr(model, "base_model", model)
     if not isinstance(tuner, AltMoEModel):
-        raise TypeError(f"Expected a PeftModel with an Alt-MoE adapter (or its AltMoEModel), got {type(model).__name__}.")
+        raise TypeError("Expected a PeftModel with an Alt-MoE adapter (or its AltMoEModel), got "
+                        f"{type(model).__name__}.")
     return tuner
 
 
