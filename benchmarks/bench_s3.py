@@ -9,10 +9,11 @@ synthetic factor data (accuracy against sparsity, mean over seeds).
 backward (train), with 0..7 experts pruned through the expert mask. Every pruning level runs once per round, in an
 order that rotates each round; medians over rounds. The ideal is the fraction of active experts (the assignment over
 all K keys and the heads stay, so the measured time falls a little less than that).
-(b) ``mmexperts.s3.sweep.sparsity_sweep`` with ``SweepConfig`` defaults (see ``recipes/configs/s3_factors_sweep.yaml``):
-per seed, train the adapter once, then for each sparsity restore it, prune progressively by leave-one-out validation
-loss, fine-tune router and heads, and score the test split. Results: stdout, ``benchmarks/results/bench_s3.md`` and the
-sweep's CSV and plots in ``benchmarks/results/bench_s3_sweep/``.
+(b) ``mmexperts.s3.sweep.sparsity_sweep`` with ``SweepConfig`` defaults (see ``recipes/configs/s3_factors_sweep.yaml``:
+modality b's nuisance factors are spuriously correlated with the label in train only, ``--spurious-strength 0`` turns
+that off): per seed, train the adapter once, then for each sparsity restore it, prune progressively by leave-one-out
+validation loss, fine-tune router and heads, and score the test split. Results: stdout,
+``benchmarks/results/bench_s3.md`` and the sweep's CSV and plots in ``benchmarks/results/bench_s3_sweep/``.
 """
 
 from __future__ import annotations
@@ -72,11 +73,26 @@ def cost_table(rounds: int, num_experts: int = 8) -> list[str]:
     return rows
 
 
+def paired_lines(rows: list[dict], peak: float) -> list[str]:
+    """Per seed, test accuracy at the peak sparsity minus at the unpruned and at the highest sparsity (paired)."""
+    by_seed = {}
+    for row in rows:
+        by_seed.setdefault(row["seed"], {})[row["sparsity"]] = row["test_accuracy"]
+    lowest, highest = min(r["sparsity"] for r in rows), max(r["sparsity"] for r in rows)
+    lines = [f"Per seed (paired), test accuracy at the peak sparsity {peak:.3f} minus the unpruned / the highest "
+             "sparsity:", "", "| seed | peak - unpruned | peak - highest |", "| --- | --- | --- |"]
+    for seed, accuracy in by_seed.items():
+        gains = accuracy[peak] - accuracy[lowest], accuracy[peak] - accuracy[highest]
+        lines.append(f"| {seed} | {gains[0]:+.4f} | {gains[1]:+.4f} |")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--epochs", type=int, default=SweepConfig.epochs)
+    parser.add_argument("--spurious-strength", type=float, default=SweepConfig.spurious_strength)
     parser.add_argument("--skip-sweep", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", default=str(HERE / "results" / "bench_s3.md"))
@@ -91,7 +107,7 @@ def main() -> None:
              *cost_table(args.rounds)]
     print("\n".join(lines))
     if not args.skip_sweep:
-        config = SweepConfig(seeds=args.seeds, epochs=args.epochs,
+        config = SweepConfig(seeds=args.seeds, epochs=args.epochs, spurious_strength=args.spurious_strength,
                              output_dir=str(Path(args.output).with_suffix("").as_posix() + "_sweep"))
         start = time.perf_counter()
         result = sparsity_sweep(config)
@@ -101,7 +117,10 @@ def main() -> None:
         sweep = ["", f"## (b) Sparsity sweep on synthetic factor data ({seeds} seeds, {minutes:.1f} min)",
                  "",
                  f"{config.num_train} training / {config.num_eval} validation / {config.num_eval} test examples, label "
-                 f"from `{config.label_from}` (the other factor groups are label-irrelevant); K={config.num_experts}, "
+                 f"from `{config.label_from}` (the other factor groups are label-irrelevant); spurious_strength="
+                 f"{config.spurious_strength} on modality `{config.spurious_modalities}`'s noise factors (in train "
+                 f"they agree with the label {50 * (1 + config.spurious_strength):.0f}% of the time; validation and "
+                 f"test independent); K={config.num_experts}, "
                  f"d={config.latent_dim}; {config.epochs} training epochs, pruning `{config.schedule}` by "
                  f"`{config.criterion}` utility on validation, {config.finetune_epochs} router + head fine-tune "
                  "epochs (every level, the unpruned one included).",
@@ -113,6 +132,7 @@ def main() -> None:
                  f"{result['summary'][0]['mean']:.4f}; highest sparsity {result['summary'][-1]['mean']:.4f}. "
                  f"Reverse U (an intermediate sparsity above both ends): "
                  f"{'yes' if result['summary'][0]['mean'] < best['mean'] > result['summary'][-1]['mean'] else 'no'}.",
+                 "", *paired_lines(result["rows"], best["sparsity"]),
                  "", "Files: " + ", ".join(f"`{Path(p).relative_to(HERE.parent)}`" for p in result["files"].values())]
         print("\n".join(sweep))
         lines += sweep

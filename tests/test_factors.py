@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import datasets
 import numpy as np
 import pytest
@@ -83,6 +85,42 @@ def test_label_is_the_sign_of_the_chosen_factors_only(label_from):
         assert abs(((z[nuisance][:, 0] > 0) == labels).mean() - 0.5) < 0.05
 
 
+@pytest.mark.parametrize("strength, modalities", [(0.8, ("a", "b")), (1.0, ("b",))])
+def test_spurious_nuisance_agrees_with_the_label_in_train_only(strength, modalities):
+    kwargs = {**SMALL, "num_train": 4000, "num_validation": 2000, "num_test": 2000, "label_from": ("shared",),
+              "seed": 4}
+    data, latents = build_factor_dataset(**kwargs, spurious_strength=strength, spurious_modalities=modalities,
+                                         return_latents=True)
+    clean, clean_latents = build_factor_dataset(**kwargs, return_latents=True)
+    for split in ("train", "validation", "test"):
+        labels = np.asarray(data[split]["label"])
+        np.testing.assert_array_equal(labels, clean[split]["label"])  # the label never changes
+        for modality in ("a", "b"):
+            noise = latents[split][f"noise_{modality}"]
+            agreement = ((noise.sum(1) > 0) == labels).mean()
+            if split == "train" and modality in modalities:
+                assert abs(agreement - (1 + strength) / 2) < 0.02, (split, modality, agreement)
+                np.testing.assert_allclose(np.abs(noise), np.abs(clean_latents[split][f"noise_{modality}"]))
+            else:
+                assert abs(agreement - 0.5) < 0.04, (split, modality, agreement)
+                np.testing.assert_array_equal(noise, clean_latents[split][f"noise_{modality}"])
+    for split in ("validation", "test"):  # held-out splits are exactly the unshifted data
+        np.testing.assert_array_equal(data[split].with_format("numpy")[:]["modality_b"],
+                                      clean[split].with_format("numpy")[:]["modality_b"])
+    spec = FactorSpec.from_info(data["train"].info)
+    assert spec.spurious_strength == strength and spec.spurious_modalities == modalities
+
+
+def test_spurious_nuisance_is_visible_to_a_probe_on_the_features():
+    """A linear probe on modality b's tokens (label from modality a only) reads the shortcut in train."""
+    data = build_factor_dataset(num_train=2000, num_validation=8, num_test=800, seq_len=6, dim_a=12, dim_b=12,
+                                label_from=("unique_a",), spurious_strength=1.0, spurious_modalities="b", seed=5)
+    train, test = data["train"].with_format("numpy")[:], data["test"].with_format("numpy")[:]
+    b_train, b_test = train["modality_b"].mean(1), test["modality_b"].mean(1)
+    assert _ridge_accuracy(b_train[:1000], train["label"][:1000], b_train[1000:], train["label"][1000:]) > 0.8
+    assert abs(_ridge_accuracy(b_train, train["label"], b_test, test["label"]) - 0.5) < 0.07
+
+
 @pytest.mark.parametrize("label_from, expect_a, expect_b, expect_bilinear", [
     (("unique_a",), "high", "chance", "high"),
     (("unique_b",), "chance", "high", "high"),
@@ -118,9 +156,12 @@ def test_per_modality_probes_see_what_the_factors_promise(label_from, expect_a, 
     ({"noise_std": -0.1}, "noise_std must be a finite number >= 0, got -0.1"),
     ({"seq_len": 3}, "seq_len=3 is shorter than the 4 factor groups of modality a"),
     ({"seed": -1}, "seed must be an integer >= 0, got -1"),
+    ({"spurious_strength": 1.5}, "spurious_strength must be a number in [0, 1] (0: no spurious correlation), got 1.5"),
+    ({"spurious_strength": 0.5, "noise_dims": 0}, "needs noise factors to correlate: give noise_dims > 0"),
+    ({"spurious_modalities": ("c",)}, "spurious_modalities must be a non-empty subset of ('a', 'b')"),
 ])
 def test_bad_arguments_raise_clear_errors(kwargs, message):
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("+", r"\+")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         build_factor_dataset(**{**SMALL, **kwargs})
 
 

@@ -86,6 +86,43 @@ def test_pruning_irrelevant_experts_keeps_accuracy_pruning_relevant_ones_loses_i
         tuner.restore_experts()
 
 
+def test_pruning_experts_that_learned_a_spurious_nuisance_raises_test_accuracy():
+    """Modality b's noise agrees with the label in train only: the experts that picked up this shortcut have negative
+    leave-one-out validation utility; pruning them raises test accuracy and makes predictions stop following the
+    nuisance, while keeping only the single most useful expert loses accuracy again (the reverse U)."""
+    from mmexperts.data.factors import build_factor_dataset
+    from mmexperts.s3.sweep import feature_loader
+
+    data, latents = build_factor_dataset(num_train=384, num_validation=256, num_test=512, seq_len=4, dim_a=DIM,
+                                         dim_b=DIM, synergy_dims=0, label_from=("shared", "unique_a"),
+                                         spurious_strength=1.0, spurious_modalities="b", seed=2,
+                                         return_latents=True)
+    model = feature_s3(num_experts=6, seed=2)
+    fit(model, feature_loader(data["train"], 64, shuffle=True, seed=2), epochs=12, learning_rate=1e-2,
+        weight_decay=1e-2)
+    validation, test = list(feature_loader(data["validation"], 256)), list(feature_loader(data["test"], 512))
+    nuisance = torch.as_tensor(latents["test"]["noise_b"].sum(1) > 0)
+    tuner = model.base_model
+
+    def accuracy_and_nuisance_agreement():
+        with torch.no_grad():
+            predictions = model(**test[0]).logits.argmax(-1)
+        return (predictions == test[0]["labels"]).float().mean(), (predictions == nuisance).float().mean()
+
+    full, full_agreement = accuracy_and_nuisance_agreement()
+    utility = tuner.expert_utility(validation)
+    assert (utility < 0).any()  # some experts hurt held-out loss: the shortcut
+    try:
+        tuner.set_expert_mask(utility > 0)
+        cleaned, cleaned_agreement = accuracy_and_nuisance_agreement()
+        assert cleaned > full + 0.03
+        assert cleaned_agreement < full_agreement - 0.05
+        tuner.set_expert_mask(utility == utility.max())
+        assert accuracy_and_nuisance_agreement()[0] < cleaned - 0.05
+    finally:
+        tuner.restore_experts()
+
+
 @pytest.mark.parametrize("criterion", ["loss", "gate_mass", "usage", "gate_output_norm"])
 def test_utilities_are_inspectable_and_nan_for_pruned_experts(trained, criterion):
     model, test, _ = trained

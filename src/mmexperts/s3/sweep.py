@@ -5,6 +5,11 @@ the task (after an optional self-supervised Specialization stage). For every spa
 is restored, pruned on the validation split (utility criterion and schedule as configured), its router and heads are
 fine-tuned briefly (the unpruned level too), and validation and test accuracy are recorded. Results: a CSV, a PNG of
 accuracy against sparsity (mean and std over seeds) and a PNG of expert usage per class.
+
+The default factor data puts a train-only spurious correlation into modality b's nuisance factors (validation and test
+independent). Experts that specialise on modality b's tokens then carry a shortcut that fails on held-out data; the
+leave-one-out validation-loss utility ranks them lowest, so moderate pruning raises test accuracy, and pruning further
+removes label-relevant experts and lowers it (the reverse U of S3's sparsity finding).
 """
 
 from __future__ import annotations
@@ -42,6 +47,11 @@ class SweepConfig:
     num_eval: int = field(default=400, metadata={"help": "Factor data: validation and test examples (each)."})
     label_from: str = field(default="shared,unique_a", metadata={
         "help": "Factor data: comma-separated factor groups the label depends on; the others are irrelevant."})
+    spurious_strength: float = field(default=0.9, metadata={
+        "help": "Factor data: how strongly the nuisance (noise) factors agree with the label in train only, in "
+                "[0, 1]; validation and test stay independent (a train/test shift that pruning can undo)."})
+    spurious_modalities: str = field(default="b", metadata={
+        "help": "Factor data: whose noise factors are spurious: 'a', 'b' or 'ab'."})
     sparsities: str = field(default="0,0.125,0.25,0.375,0.5,0.625,0.75,0.875", metadata={
         "help": "Comma-separated fractions of experts to prune, each in [0, 1)."})
     seeds: str = field(default="0,1,2", metadata={"help": "Comma-separated seeds."})
@@ -49,6 +59,9 @@ class SweepConfig:
     latent_dim: int = field(default=32, metadata={"help": "Shared latent width d."})
     top_k: int | None = field(default=None, metadata={"help": "Router top-k (None: soft gating)."})
     head_input: str = field(default="concat", metadata={"help": "What the heads read: 'concat' or 'sum'."})
+    assignment_temperature: float = field(default=0.5, metadata={
+        "help": "Temperature of the token-to-concept assignment (lower: each token goes to fewer concepts)."})
+    sharpness_loss_weight: float = field(default=0.01, metadata={"help": "Weight of the assignment-entropy loss."})
     ssl_loss_weight: float = field(default=0.0, metadata={"help": "Weight of the per-concept InfoNCE in training."})
     ssl_epochs: int = field(default=0, metadata={"help": "Self-supervised Specialization epochs before training."})
     hidden_size: int = field(default=40, metadata={"help": "Width of the frozen feature towers."})
@@ -78,7 +91,8 @@ def load_feature_data(config: SweepConfig, seed: int):
 
         return build_factor_dataset(num_train=config.num_train, num_validation=config.num_eval,
                                     num_test=config.num_eval, label_from=tuple(config.label_from.split(",")),
-                                    seed=seed)
+                                    spurious_strength=config.spurious_strength,
+                                    spurious_modalities=tuple(config.spurious_modalities), seed=seed)
     if config.dataset.startswith("multibench:"):
         from ..data.multibench import load_multibench
 
@@ -109,8 +123,8 @@ def build_model(data, config: SweepConfig, seed: int) -> peft.PeftModel:
         feature_dim_a=len(example["modality_a"][0]), feature_dim_b=len(example["modality_b"][0]),
         hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers, num_labels=num_labels))
     s3 = S3Config(num_experts=config.num_experts, latent_dim=config.latent_dim, top_k=config.top_k,
-                  head_input=config.head_input,
-                  ssl_loss_weight=config.ssl_loss_weight)
+                  head_input=config.head_input, assignment_temperature=config.assignment_temperature,
+                  sharpness_loss_weight=config.sharpness_loss_weight, ssl_loss_weight=config.ssl_loss_weight)
     return peft.get_peft_model(base, s3)
 
 
