@@ -7,16 +7,15 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 from transformers.utils import ModelOutput
 
 from ..conditioning import gather_inputs
-from ..towers import Tower, find_towers
+from ..towers import Tower
+from ..tuners import MODALITIES, TwoTowerTuner
 from .config import DIRECTIONS, AltMoEConfig
 from .layer import SOURCE, TARGET, AltMoEConnector, AltMoELayer, DirectionPrediction, check_direction, masked_mean
 
-MODALITIES = ("vision", "text")
 ALIGNED_KEYS = ("image_embeds", "text_embeds", "logits_per_image", "logits_per_text")
 
 
@@ -81,7 +80,7 @@ def tap_last_block(tower: Tower, receive):
         handle.remove()
 
 
-class AltMoEModel(BaseTuner):
+class AltMoEModel(TwoTowerTuner):
     """PEFT tuner for Alt-MoE; see :class:`~mmexperts.AltMoEConfig`.
 
     The training direction is state of the tuner, not a forward argument: ``with model.base_model.direction(
@@ -89,16 +88,10 @@ class AltMoEModel(BaseTuner):
     """
 
     prefix: str = "altmoe_"
+    method_name = "Alt-MoE"
     tuner_layer_cls = AltMoELayer
     directions = DIRECTIONS
     target_module_mapping: dict = {}
-
-    @property
-    def towers(self) -> dict[str, Tower]:
-        """The model's vision and text towers (found once)."""
-        if "_towers" not in self.__dict__:
-            self.__dict__["_towers"] = find_towers(self.model)
-        return self.__dict__["_towers"]
 
     @property
     def active_direction(self) -> str | None:
@@ -122,14 +115,7 @@ class AltMoEModel(BaseTuner):
     # ---- injection ---------------------------------------------------------------------------------------------
     def _prepare_adapter_config(self, peft_config: AltMoEConfig, model_config: dict) -> AltMoEConfig:
         towers = self.towers
-        for modality in MODALITIES:
-            recorded, actual = getattr(peft_config, f"{modality}_hidden_size"), towers[modality].hidden_size
-            if recorded is not None and recorded != actual:
-                raise ValueError(
-                    f"This Alt-MoE adapter was built for a {modality} tower of hidden size {recorded}, but the model's "
-                    f"{modality} tower has hidden size {actual}. Load it onto the backbone it was trained with."
-                )
-            setattr(peft_config, f"{modality}_hidden_size", actual)
+        self._record_tower_sizes(peft_config)
         if peft_config.target_modules is None:
             peft_config.target_modules = [towers["text"].block_names[-1]]
         return peft_config

@@ -5,48 +5,28 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
 from ..conditioning import complementary_first, gather_inputs
-from ..towers import find_towers
+from ..tuners import TwoTowerTuner
 from .config import MoPEConfig
 from .layer import DEEP, ROUTED, MoPEForwardState, MoPELayer
 
 HEAD_NAMES = ("classifier",)
 
 
-class MoPEModel(BaseTuner):
+class MoPEModel(TwoTowerTuner):
     """PEFT tuner for Mixture of Prompt Experts; see :class:`~mmexperts.MoPEConfig`."""
 
     prefix: str = "mope_"
+    method_name = "MoPE"
+    forward_state_cls = MoPEForwardState
     tuner_layer_cls = MoPELayer
     target_module_mapping: dict = {}
 
-    @property
-    def forward_state(self) -> MoPEForwardState:
-        """Routing records of the latest forward call (read by the output hook)."""
-        if "_forward_state" not in self.__dict__:
-            self.__dict__["_forward_state"] = MoPEForwardState()
-        return self.__dict__["_forward_state"]
-
-    @property
-    def towers(self):
-        """The model's vision and text towers (found once)."""
-        if "_towers" not in self.__dict__:
-            self.__dict__["_towers"] = find_towers(self.model)
-        return self.__dict__["_towers"]
-
     def _prepare_adapter_config(self, peft_config: MoPEConfig, model_config: dict) -> MoPEConfig:
         towers = self.towers
-        for modality in ("vision", "text"):
-            recorded, actual = getattr(peft_config, f"{modality}_hidden_size"), towers[modality].hidden_size
-            if recorded is not None and recorded != actual:
-                raise ValueError(
-                    f"This MoPE adapter was built for a {modality} tower of hidden size {recorded}, but the model's "
-                    f"{modality} tower has hidden size {actual}. Load it onto the backbone it was trained with."
-                )
-            setattr(peft_config, f"{modality}_hidden_size", actual)
+        self._record_tower_sizes(peft_config)
         prompted, complementary = towers[peft_config.prompted_tower], towers[peft_config.complementary_tower]
         layers = peft_config.routed_layers
         if layers is None:

@@ -8,24 +8,22 @@ from types import SimpleNamespace
 from typing import Iterable
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 from transformers.loss.loss_utils import ForSequenceClassificationLoss
 
 from ..conditioning import gather_inputs
 from ..moe.utility import (UTILITY_CRITERIA, check_mask, gate_mass, gate_output_norm, leave_one_out,
                            prune_to_sparsity, usage_frequency)
-from ..towers import find_towers
+from ..tuners import MODALITIES, TwoTowerTuner
 from .config import S3Config
 from .layer import S3ForwardState, S3Layer, S3Output
 
 HEAD_NAMES = ("classifier",)
-MODALITIES = ("vision", "text")
 OUTPUT_KEYS = {"concept_embeds": "concept_embeds", "fused_embeds": "fused_embeds", "routing_weights": "routing_weights",
                "concept_assignments": "assignments"}  # output field: S3Output attribute
 
 
-class S3Model(BaseTuner):
+class S3Model(TwoTowerTuner):
     """PEFT tuner for S3; see :class:`~mmexperts.S3Config`.
 
     Outputs gain ``concept_embeds`` (batch, K, d_e; zero for pruned or unselected experts), ``fused_embeds`` (batch,
@@ -38,22 +36,10 @@ class S3Model(BaseTuner):
     """
 
     prefix: str = "s3_"
+    method_name = "S3"
+    forward_state_cls = S3ForwardState
     tuner_layer_cls = S3Layer
     target_module_mapping: dict = {}
-
-    @property
-    def forward_state(self) -> S3ForwardState:
-        """Tokens recorded by the towers' blocks during the current forward call."""
-        if "_forward_state" not in self.__dict__:
-            self.__dict__["_forward_state"] = S3ForwardState()
-        return self.__dict__["_forward_state"]
-
-    @property
-    def towers(self):
-        """The model's vision and text towers (found once, before injection)."""
-        if "_towers" not in self.__dict__:
-            self.__dict__["_towers"] = find_towers(self.model)
-        return self.__dict__["_towers"]
 
     # ---- injection ---------------------------------------------------------------------------------------------
     def _token_block(self, modality: str, config: S3Config) -> str:
@@ -64,14 +50,7 @@ class S3Model(BaseTuner):
         return names[config.token_layer]
 
     def _prepare_adapter_config(self, peft_config: S3Config, model_config: dict) -> S3Config:
-        for modality in MODALITIES:
-            recorded, actual = getattr(peft_config, f"{modality}_hidden_size"), self.towers[modality].hidden_size
-            if recorded is not None and recorded != actual:
-                raise ValueError(
-                    f"This S3 adapter was built for a {modality} tower of hidden size {recorded}, but the model's "
-                    f"{modality} tower has hidden size {actual}. Load it onto the backbone it was trained with."
-                )
-            setattr(peft_config, f"{modality}_hidden_size", actual)
+        self._record_tower_sizes(peft_config)
         if peft_config.target_modules is None:
             peft_config.target_modules = [self._token_block(m, peft_config) for m in MODALITIES]
         if peft_config.num_labels is None:
