@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from conftest import make_batch
 from mmexperts.training import train
 from mmexperts.training.alternating import DirectionSchedule
 from test_altmoe import make
-from test_training import ROOT, _launch_env, backbones, tiny_config  # noqa: F401  (backbones is a fixture)
+from test_training import backbones, tiny_config, train_on_two_cpu_processes  # noqa: F401  (backbones: a fixture)
 
 RETRIEVAL = dict(method="altmoe", dataset="synthetic:retrieval",
                  method_config={"num_experts": 4, "top_k": 2, "hidden_size": 16, "init_weights": False})
@@ -67,26 +64,10 @@ def test_retrieval_recipe_trains_and_reports_recall(backbones, tmp_path):
 
 @pytest.mark.skipif(shutil.which("mpirun") is None, reason="OpenMPI's mpirun is not installed (.ci/run installs it)")
 def test_two_cpu_processes_train_identical_connectors(backbones, tmp_path):
-    vision, text = backbones
-    hostfile = tmp_path / "hostfile"
-    hostfile.write_text("localhost slots=2\n")
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
-               "--num_machines", "1", "--mpirun_hostfile", str(hostfile), "--num_cpu_threads_per_process", "1",
-               str(ROOT / "tests" / "scripts" / "train_and_dump_ranks.py"),
-               "--vision_model", vision, "--text_model", text, "--output_dir", str(tmp_path / "run"),
-               "--method", "altmoe", "--dataset", "synthetic:retrieval", "--train_size", "64", "--eval_size", "32",
-               "--batch_size", "8", "--max_steps", "4", "--eval_steps", "2", "--save_steps", "2",
-               "--warmup_steps", "1", "--learning_rate", "1e-2", "--no_unimodal_baselines",
-               "--method_config", json.dumps(RETRIEVAL["method_config"])]
-    run = subprocess.run(command, env=_launch_env(), capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    ranks = [load_file(tmp_path / "run" / f"rank_{rank}.safetensors") for rank in (0, 1)]
-    assert json.loads((tmp_path / "run" / "world.json").read_text())["num_processes"] == 2
-    assert ranks[0].keys() == ranks[1].keys() and ranks[0]
-    for key in ranks[0]:
-        torch.testing.assert_close(ranks[0][key], ranks[1][key], rtol=0, atol=0)
-    initial = load_file(tmp_path / "run" / "rank_0_initial.safetensors")
-    changed = {key for key in initial if not torch.equal(initial[key], ranks[0][key])}
+    initial, final = train_on_two_cpu_processes(
+        tmp_path, *backbones, "--method", "altmoe", "--dataset", "synthetic:retrieval",
+        "--method_config", json.dumps(RETRIEVAL["method_config"]))
+    changed = {key for key in initial if not torch.equal(initial[key], final[key])}
     assert any("input_projections.image_to_text" in key for key in changed)
     assert any("input_projections.text_to_image" in key for key in changed)
     assert "eval_rsum" in json.loads((tmp_path / "run" / "metrics.json").read_text())

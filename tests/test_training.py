@@ -135,9 +135,9 @@ def _launch_env() -> dict:
     return env
 
 
-@pytest.mark.skipif(shutil.which("mpirun") is None, reason="OpenMPI's mpirun is not installed (.ci/run installs it)")
-def test_two_cpu_processes_through_accelerate_launch_train_identical_adapters(backbones, tmp_path):
-    vision, text = backbones
+def train_on_two_cpu_processes(tmp_path, vision: str, text: str, *args: str) -> tuple[dict, dict]:
+    """Train through `accelerate launch --cpu` with OpenMPI; check both ranks end with identical adapter weights and
+    return (initial, final) weights of rank 0."""
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("localhost slots=2\n")
     command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
@@ -146,7 +146,7 @@ def test_two_cpu_processes_through_accelerate_launch_train_identical_adapters(ba
                "--vision_model", vision, "--text_model", text, "--output_dir", str(tmp_path / "run"),
                "--train_size", "64", "--eval_size", "32", "--batch_size", "8", "--max_steps", "4",
                "--eval_steps", "2", "--save_steps", "2", "--warmup_steps", "1", "--learning_rate", "1e-2",
-               "--method_config", "{init_weights: false}", "--no_unimodal_baselines"]
+               "--no_unimodal_baselines", *args]
     run = subprocess.run(command, env=_launch_env(), capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     ranks = [load_file(tmp_path / "run" / f"rank_{rank}.safetensors") for rank in (0, 1)]
@@ -154,8 +154,13 @@ def test_two_cpu_processes_through_accelerate_launch_train_identical_adapters(ba
     assert ranks[0].keys() == ranks[1].keys() and ranks[0]
     for key in ranks[0]:
         torch.testing.assert_close(ranks[0][key], ranks[1][key], rtol=0, atol=0)
-    initial = load_file(tmp_path / "run" / "rank_0_initial.safetensors")
-    assert any(not torch.equal(initial[key], ranks[0][key]) for key in initial)
+    return load_file(tmp_path / "run" / "rank_0_initial.safetensors"), ranks[0]
+
+
+@pytest.mark.skipif(shutil.which("mpirun") is None, reason="OpenMPI's mpirun is not installed (.ci/run installs it)")
+def test_two_cpu_processes_through_accelerate_launch_train_identical_adapters(backbones, tmp_path):
+    initial, final = train_on_two_cpu_processes(tmp_path, *backbones, "--method_config", "{init_weights: false}")
+    assert any(not torch.equal(initial[key], final[key]) for key in initial)
     assert "eval_accuracy" in json.loads((tmp_path / "run" / "metrics.json").read_text())
 
 
