@@ -1,12 +1,36 @@
-"""What every mmexperts tuner shares: the model's towers (found once) and the tower widths its config records."""
+"""What every mmexperts tuner shares: the model's towers (found once), the tower widths its config records, and the
+config fields PEFT needs."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
+from peft import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner
 
 from .towers import Tower, find_towers
 
 MODALITIES = ("vision", "text")
+
+
+@dataclass
+class TowerAdapterConfig(PeftConfig):
+    """Fields every mmexperts adapter config shares: PEFT's module selectors (filled at injection from the towers) and
+    the towers' widths, recorded at injection and checked when the adapter is loaded onto a model."""
+
+    target_modules: list[str] | str | None = field(default=None, metadata={
+        "help": "Filled automatically from the towers found by find_towers (see the method's docs)."})
+    exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "Modules to leave untouched."})
+    target_parameters: list[str] | None = field(default=None, metadata={"help": "Unused; required by PEFT."})
+    modules_to_save: list[str] | None = field(default=None, metadata={
+        "help": "Extra trainable modules (a classifier head is added automatically where the method trains it)."})
+    vision_hidden_size: int | None = field(default=None, metadata={"help": "Recorded at injection; checked on load."})
+    text_hidden_size: int | None = field(default=None, metadata={"help": "Recorded at injection; checked on load."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if isinstance(self.target_modules, set):
+            self.target_modules = sorted(self.target_modules)
 
 
 class TwoTowerTuner(BaseTuner):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from peft import PeftConfig
 
 from ..moe import DISPATCH_MODES
 from ..registry import MMExpertsPeftType
+from ..tuners import TowerAdapterConfig
 
 DIRECTIONS = ("image_to_text", "text_to_image")
 SCHEDULES = ("alternating", "joint")
@@ -15,7 +15,7 @@ REGRESSION_LOSSES = ("smooth_l1", "l2")
 
 
 @dataclass
-class AltMoEConfig(PeftConfig):
+class AltMoEConfig(TowerAdapterConfig):
     """Alt-MoE / M3-JEPA: one multi-directional mixture-of-experts connector aligning two frozen towers.
 
     Each direction (image->text, text->image) projects its source tower's token features (mean of the last two
@@ -49,13 +49,6 @@ class AltMoEConfig(PeftConfig):
     init_weights: bool = field(default=True, metadata={
         "help": "True: the gains of the post-expert LayerNorms start at zero, so each routed branch is an exact "
                 "residual identity at init; False: reference init (gains one)."})
-    target_modules: list[str] | str | None = field(default=None, metadata={
-        "help": "Filled automatically: the text tower's last block, which hosts the connector."})
-    exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "Unused; required by PEFT."})
-    target_parameters: list[str] | None = field(default=None, metadata={"help": "Unused; required by PEFT."})
-    modules_to_save: list[str] | None = field(default=None, metadata={"help": "Extra trainable modules."})
-    vision_hidden_size: int | None = field(default=None, metadata={"help": "Recorded at injection; checked on load."})
-    text_hidden_size: int | None = field(default=None, metadata={"help": "Recorded at injection; checked on load."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -84,5 +77,3 @@ class AltMoEConfig(PeftConfig):
         if self.router_noise_std < 0 or self.load_balance_loss_weight < 0:
             raise ValueError("router_noise_std and load_balance_loss_weight must be >= 0, got "
                              f"{self.router_noise_std} and {self.load_balance_loss_weight}.")
-        if isinstance(self.target_modules, set):
-            self.target_modules = sorted(self.target_modules)

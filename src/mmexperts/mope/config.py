@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from peft import PeftConfig
 
 from ..registry import MMExpertsPeftType
+from ..tuners import TowerAdapterConfig
 
 TOWERS = ("vision", "text")
 
 
 @dataclass
-class MoPEConfig(PeftConfig):
+class MoPEConfig(TowerAdapterConfig):
     """Mixture of Prompt Experts: routed, instance-level prompts in every block of a frozen tower.
 
     The complementary tower is encoded first (with small deep prompts of its own); its [CLS] feature conditions a
@@ -43,14 +43,6 @@ class MoPEConfig(PeftConfig):
     init_weights: bool = field(
         default=True, metadata={"help": "True: zero-init prompt gates, the adapter starts as an exact identity; "
                                         "False: random gates (for tests)."})
-    target_modules: list[str] | str | None = field(
-        default=None, metadata={"help": "Filled automatically with the towers' block names."})
-    exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "Blocks to leave untouched."})
-    target_parameters: list[str] | None = field(default=None, metadata={"help": "Unused; required by PEFT."})
-    modules_to_save: list[str] | None = field(
-        default=None, metadata={"help": "Extra trainable modules; the classifier head is added automatically."})
-    vision_hidden_size: int | None = field(default=None, metadata={"help": "Recorded at injection; checked on load."})
-    text_hidden_size: int | None = field(default=None, metadata={"help": "Recorded at injection; checked on load."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -77,8 +69,6 @@ class MoPEConfig(PeftConfig):
             raise ValueError(f"prompt_dropout must be in [0, 1), got {self.prompt_dropout}.")
         if self.importance_loss_weight < 0:
             raise ValueError(f"importance_loss_weight must be >= 0, got {self.importance_loss_weight}.")
-        if isinstance(self.target_modules, set):
-            self.target_modules = sorted(self.target_modules)
 
     @property
     def complementary_tower(self) -> str:

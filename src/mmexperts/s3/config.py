@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from peft import PeftConfig
 
 from ..moe import DISPATCH_MODES
 from ..registry import MMExpertsPeftType
+from ..tuners import TowerAdapterConfig
 
 HEAD_INPUTS = ("concat", "sum")
 _POSITIVE_INTS = ("num_experts", "latent_dim", "num_tasks", "task_embedding_dim")
@@ -16,7 +16,7 @@ _NON_NEGATIVE_FLOATS = ("router_noise_std", "diversity_loss_weight", "balance_lo
 
 
 @dataclass
-class S3Config(PeftConfig):
+class S3Config(TowerAdapterConfig):
     """S3 (Specialization, Selection, Sparsification; Choi & Kwak, ICML 2026) over two frozen towers.
 
     Both towers' tokens are projected into one shared latent space (plus a modality embedding). ``num_experts`` concept
@@ -71,13 +71,6 @@ class S3Config(PeftConfig):
     init_weights: bool = field(default=True, metadata={
         "help": "True: zero-init task heads, so the adapter's logits start at exactly 0 (uniform predictions, a "
                 "deterministic start); False: random heads (for tests)."})
-    target_modules: list[str] | str | None = field(
-        default=None, metadata={"help": "Filled automatically with the two towers' token blocks."})
-    exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "Modules to leave untouched."})
-    target_parameters: list[str] | None = field(default=None, metadata={"help": "Unused; required by PEFT."})
-    modules_to_save: list[str] | None = field(default=None, metadata={"help": "Extra trainable modules."})
-    vision_hidden_size: int | None = field(default=None, metadata={"help": "Recorded at injection; checked on load."})
-    text_hidden_size: int | None = field(default=None, metadata={"help": "Recorded at injection; checked on load."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -108,8 +101,6 @@ class S3Config(PeftConfig):
             raise ValueError(f"head_input must be one of {HEAD_INPUTS}, got {self.head_input!r}.")
         if self.dispatch not in DISPATCH_MODES:
             raise ValueError(f"dispatch must be one of {DISPATCH_MODES}, got {self.dispatch!r}.")
-        if isinstance(self.target_modules, set):
-            self.target_modules = sorted(self.target_modules)
 
     @property
     def hidden_dim(self) -> int:
