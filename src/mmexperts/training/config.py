@@ -19,7 +19,8 @@ SYNTHETIC_BACKBONES = "synthetic"
 class TrainConfig:
     """Everything a training run needs; every field can be set in YAML and overridden as ``--field value``."""
 
-    method: str = field(default="mope", metadata={"help": "Adapter method: 'mope'."})
+    method: str = field(default="mope", metadata={
+        "help": "Adapter method: 'mope', 's3' or 'altmoe' (caption <-> image retrieval)."})
     method_config: str = field(default="{}", metadata={
         "help": "Keyword arguments of the method's config, as YAML/JSON, e.g. '{num_experts: 8}'."})
     dataset: str = field(default="synthetic:entailment", metadata={
