@@ -66,3 +66,22 @@ def test_router_mask_zeroes_pruned_experts_and_top_k_without_renormalisation():
     assert torch.all(weights.sum(-1) < 1)
     with pytest.raises(ValueError, match="no expert"):
         router(query, expert_mask=torch.zeros(6, dtype=torch.bool))
+
+
+def test_switch_balance_loss_is_one_when_balanced_and_k_when_collapsed():
+    from mmexperts.moe import switch_balance_loss
+    balanced = torch.eye(4).repeat(3, 1)           # each expert takes a quarter of the rows, all its mass
+    collapsed = torch.zeros(12, 4)
+    collapsed[:, 0] = 1
+    assert switch_balance_loss(balanced).item() == pytest.approx(1.0)
+    assert switch_balance_loss(collapsed).item() == pytest.approx(4.0)
+
+
+def test_info_nce_is_symmetric_and_low_for_matching_pairs():
+    from mmexperts.moe import info_nce
+    torch.manual_seed(0)
+    a = torch.randn(8, 16)
+    matched = info_nce(a, a * 3, temperature=0.05)   # scale does not matter: cosine similarities
+    shuffled = info_nce(a, a[torch.randperm(8)], temperature=0.05)
+    assert matched.item() < 1e-3 < shuffled.item()
+    torch.testing.assert_close(info_nce(a, a.flip(0), 0.1), info_nce(a.flip(0), a, 0.1))

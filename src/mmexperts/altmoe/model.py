@@ -11,6 +11,7 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from ..conditioning import gather_inputs
+from ..moe import info_nce
 from ..towers import Tower
 from ..tuners import MODALITIES, TwoTowerTuner
 from .config import DIRECTIONS, AltMoEConfig
@@ -45,13 +46,6 @@ class AltMoEOutput(ModelOutput):
     image_target_embeds: torch.Tensor | None = None
     text_target_embeds: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
-
-
-def contrastive_loss(queries: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Symmetric InfoNCE over in-batch negatives of L2-normalised vectors, fixed temperature."""
-    logits = F.normalize(queries, dim=-1) @ F.normalize(targets, dim=-1).T / temperature
-    labels = torch.arange(len(logits), device=logits.device)
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 
 def regression_loss(prediction: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
@@ -201,7 +195,7 @@ class AltMoEModel(TwoTowerTuner):
             out.logits_per_image = out.logits_per_text.T
         if return_loss:
             losses = [config.alpha * regression_loss(p.latent, pooled[TARGET[d]], config.regression_loss)
-                      + (1 - config.alpha) * contrastive_loss(p.embeds, targets[TARGET[d]], config.temperature)
+                      + (1 - config.alpha) * info_nce(p.embeds, targets[TARGET[d]], config.temperature)
                       for d, p in predictions.items()]
             loss = torch.stack(losses).sum() + config.load_balance_loss_weight * out.aux_loss
             if torch.is_grad_enabled():  # every trainable parameter joins the graph, so DDP sees a (zero) gradient

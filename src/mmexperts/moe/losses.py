@@ -1,8 +1,11 @@
-"""Auxiliary routing losses: CV² importance (with MoPE's hinge), Switch-Transformer balance and router z-loss."""
+"""Auxiliary losses: CV² importance (with MoPE's hinge), Switch-Transformer balance, router z-loss, InfoNCE."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+from .utility import gate_mass, usage_frequency
 
 
 def cv_squared(values: torch.Tensor) -> torch.Tensor:
@@ -24,12 +27,17 @@ def importance_loss(weights: torch.Tensor, threshold: float = 0.0) -> torch.Tens
 
 def switch_balance_loss(weights: torch.Tensor) -> torch.Tensor:
     """Switch-Transformer load balance: ``K * sum_k f_k * P_k`` (f: top-1 dispatch fraction, P: mean probability)."""
-    flat = weights.reshape(-1, weights.shape[-1]).float()
-    num_experts = flat.shape[-1]
-    dispatch = torch.nn.functional.one_hot(flat.argmax(-1), num_experts).float().mean(0)
-    return num_experts * (dispatch * flat.mean(0)).sum()
+    return weights.shape[-1] * (usage_frequency(weights) * gate_mass(weights)).sum()
 
 
 def z_loss(logits: torch.Tensor) -> torch.Tensor:
     """Router z-loss (ST-MoE): mean squared log-partition, which keeps router logits small and stable."""
     return torch.logsumexp(logits.float().reshape(-1, logits.shape[-1]), dim=-1).pow(2).mean()
+
+
+def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Symmetric InfoNCE between matching rows of ``a`` and ``b`` (batch, d): cosine similarities over in-batch
+    negatives at a fixed temperature, computed in float32."""
+    logits = F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).T / temperature
+    target = torch.arange(len(logits), device=logits.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2

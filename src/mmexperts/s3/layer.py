@@ -10,7 +10,7 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from ..moe import ExpertMLPs, Router, switch_balance_loss, z_loss
+from ..moe import ExpertMLPs, Router, info_nce, switch_balance_loss, z_loss
 from ..towers import key_padding_mask
 from .config import S3Config
 
@@ -41,13 +41,6 @@ class S3Output:
     aux_losses: dict
     logits: torch.Tensor | None = None
     ssl_loss: torch.Tensor | None = None
-
-
-def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Symmetric InfoNCE between matching rows of ``a`` and ``b`` (batch, d), cosine similarities."""
-    logits = F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).T / temperature
-    target = torch.arange(len(a), device=a.device)
-    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
 
 class S3Core(nn.Module):
