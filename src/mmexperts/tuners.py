@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from peft import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner
+from torch import nn
 
 from .towers import Tower, find_towers
 
@@ -53,6 +54,21 @@ class TwoTowerTuner(BaseTuner):
         if "_forward_state" not in self.__dict__:
             self.__dict__["_forward_state"] = self.forward_state_cls()
         return self.__dict__["_forward_state"]
+
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        """Put the wrapper in place of the block, with its adapter modules on the block's device."""
+        setattr(parent, child_name, new_module)
+        parameter = next(child.parameters(), None)
+        if parameter is None or parameter.device.type == "meta":
+            return
+        for name, module in new_module.named_modules():
+            if self.prefix in name and not any(p.device.type == "meta" for p in module.parameters()):
+                module.to(parameter.device)
+
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        for name, param in model.named_parameters():
+            if self.prefix not in name:
+                param.requires_grad = False
 
     def _record_tower_sizes(self, peft_config) -> None:
         """Store the towers' hidden sizes in the config, or refuse a config recorded for other widths."""

@@ -125,13 +125,6 @@ class AltMoEModel(TwoTowerTuner):
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
-    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
-        setattr(parent, child_name, new_module)  # blocks are not weight layers: nothing to copy or move
-
-    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
-        for name, param in model.named_parameters():
-            if self.prefix not in name:
-                param.requires_grad = False
 
     # ---- the connector -----------------------------------------------------------------------------------------
     def _host(self) -> AltMoELayer:

@@ -62,20 +62,6 @@ class MoPEModel(TwoTowerTuner):
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
-    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
-        setattr(parent, child_name, new_module)
-        if isinstance(new_module, MoPELayer):
-            device = next(new_module.base_layer.parameters()).device
-            for name, module in new_module.named_modules():
-                on_meta = any(p.device.type == "meta" for p in module.parameters())
-                if self.prefix in name and not on_meta and device.type != "meta":
-                    module.to(device)
-
-    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
-        for name, param in model.named_parameters():
-            if self.prefix not in name:
-                param.requires_grad = False
-
     def _check_new_adapter_config(self, config: MoPEConfig) -> None:
         for name, existing in self.peft_config.items():
             if existing is not config and existing.prompted_tower != config.prompted_tower:

@@ -75,25 +75,12 @@ class S3Model(TwoTowerTuner):
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
-    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
-        setattr(parent, child_name, new_module)
-        device = next(child.parameters()).device
-        for name, module in new_module.named_modules():
-            on_meta = any(p.device.type == "meta" for p in module.parameters())
-            if self.prefix in name and not on_meta and device.type != "meta":
-                module.to(device)
-
     @classmethod
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
         """Checkpoint key of a model key: the adapter name follows an S3 container (``s3_core.<name>.experts.w1``),
         not only in PEFT's usual last-or-second-to-last place, so it is removed right after the container."""
         containers = "|".join(S3Layer.adapter_layer_names + S3Layer.other_param_names)
         return re.sub(rf"((?:^|\.)(?:{containers}))\.{re.escape(adapter_name)}(?=\.|$)", r"\1", key, count=1)
-
-    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
-        for name, param in model.named_parameters():
-            if self.prefix not in name:
-                param.requires_grad = False
 
     # ---- forward -----------------------------------------------------------------------------------------------
     def _layers(self) -> dict[str, S3Layer]:
