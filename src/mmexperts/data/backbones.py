@@ -262,10 +262,11 @@ class _SentenceMLM(nn.Module):
 
 def _sentence_targets(input_ids: torch.Tensor, special: torch.Tensor) -> torch.Tensor:
     """The caption's word ids at positions 0..SENTENCE_POSITIONS-1 (special tokens and padding dropped), else -100."""
+    keep = ~special
+    position = keep.long().cumsum(1) - 1  # each word's index among the caption's words
+    rows, cols = (keep & (position < SENTENCE_POSITIONS)).nonzero(as_tuple=True)
     targets = torch.full((len(input_ids), SENTENCE_POSITIONS), -100, dtype=torch.long)
-    for row, (ids, mask) in enumerate(zip(input_ids, special)):
-        words = ids[~mask][:SENTENCE_POSITIONS]
-        targets[row, :len(words)] = words
+    targets[rows, position[rows, cols]] = input_ids[rows, cols]
     return targets
 
 
