@@ -81,3 +81,27 @@ class TwoTowerTuner(BaseTuner):
                     "trained with."
                 )
             setattr(peft_config, f"{modality}_hidden_size", actual)
+
+
+class UnmergeableLayer:
+    """Mixin for mmexperts tuner layers: their output depends on each input, so it cannot be folded into the frozen
+    weights. ``merge`` and ``unmerge`` raise a clear error; ``unload`` returns the frozen block (after ``_detach``)."""
+
+    method_name: str = "mmexperts"
+    merge_reason: str = "this adapter depends on each input"
+
+    def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
+        raise NotImplementedError(f"{self.merge_reason} and cannot be merged into the frozen weights; keep the "
+                                  "adapter attached or call `unload()`.")
+
+    def unmerge(self) -> None:
+        raise NotImplementedError(f"{self.method_name} adapters are never merged, so there is nothing to unmerge.")
+
+    def unload_and_optionally_merge_module(self, merge: bool, safe_merge: bool, adapter_names) -> nn.Module:
+        if merge:
+            self.merge(safe_merge, adapter_names)
+        self._detach()
+        return self.base_layer
+
+    def _detach(self) -> None:
+        """Remove whatever the layer attached to its block besides wrapping it (hooks)."""

@@ -10,6 +10,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ..moe import ExpertMLPs, Router, switch_balance_loss
+from ..tuners import UnmergeableLayer
 from .config import DIRECTIONS, AltMoEConfig
 
 SOURCE = {"image_to_text": "vision", "text_to_image": "text"}
@@ -109,7 +110,7 @@ class AltMoEConnector(nn.Module):
         return self.target_projections[modality](pooled)
 
 
-class AltMoELayer(nn.Module, BaseTunerLayer):
+class AltMoELayer(UnmergeableLayer, nn.Module, BaseTunerLayer):
     """Hosts the Alt-MoE connectors (one per adapter) inside the model, wrapping the text tower's last block.
 
     PEFT keeps adapter weights inside the modules it replaces; the connector reads both towers' token features after
@@ -117,6 +118,8 @@ class AltMoELayer(nn.Module, BaseTunerLayer):
     """
 
     adapter_layer_names = ("altmoe_connector",)
+    method_name = "Alt-MoE"
+    merge_reason = "An Alt-MoE connector is a separate network on the towers' outputs"
     other_param_names = ()
 
     def __init__(self, base_layer: nn.Module, vision_size: int, text_size: int, **kwargs):
@@ -137,20 +140,6 @@ class AltMoELayer(nn.Module, BaseTunerLayer):
 
     def forward(self, *args, **kwargs):
         return self.base_layer(*args, **kwargs)
-
-    def unload_and_optionally_merge_module(self, merge: bool, safe_merge: bool, adapter_names) -> nn.Module:
-        """The connector replaces output embeddings and cannot be merged; unloading returns the frozen block."""
-        if merge:
-            raise NotImplementedError("An Alt-MoE connector is a separate network on the towers' outputs and cannot "
-                                      "be merged into their weights; use `unload()` instead.")
-        return self.base_layer
-
-    def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
-        raise NotImplementedError("An Alt-MoE connector cannot be merged into the towers' weights; keep the adapter "
-                                  "attached or call `unload()`.")
-
-    def unmerge(self) -> None:
-        raise NotImplementedError("Alt-MoE adapters are never merged, so there is nothing to unmerge.")
 
     def __repr__(self) -> str:
         return "altmoe." + super().__repr__()

@@ -13,6 +13,7 @@ from torch import nn
 from ..moe import Router, importance_loss
 from ..prefix import PREFIX_KWARG, PrefixAttention
 from ..towers import key_padding_mask
+from ..tuners import UnmergeableLayer
 from .config import MoPEConfig
 
 ROUTED, DEEP = "routed", "deep"
@@ -36,11 +37,13 @@ def _prompt_init(hidden_size: int) -> float:
     return math.sqrt(6.0 / (3 * 16 * 16 + hidden_size))  # VPT's uniform bound for 16x16 patches
 
 
-class MoPELayer(nn.Module, BaseTunerLayer):
+class MoPELayer(UnmergeableLayer, nn.Module, BaseTunerLayer):
     """Wraps one frozen transformer block. ``routed`` blocks (prompted tower) build ``[static; dynamic; mapped]``
     prompts, the dynamic one a router-weighted sum of prompt experts; ``deep`` blocks (complementary tower) use plain
     deep prompts. Prompts are prefix keys/values of the block's self-attention behind a zero-init per-head gate."""
 
+    method_name = "MoPE"
+    merge_reason = "MoPE prompts are input-dependent"
     adapter_layer_names = ("mope_static", "mope_experts", "mope_self_proj", "mope_cross_proj", "mope_router",
                            "mope_mapper_in", "mope_mapper_out", "mope_gate")
     other_param_names = ("mope_role", "mope_settings")
@@ -101,19 +104,8 @@ class MoPELayer(nn.Module, BaseTunerLayer):
         }
         self.set_adapter(self.active_adapters)
 
-    def unload_and_optionally_merge_module(self, merge: bool, safe_merge: bool, adapter_names) -> nn.Module:
-        """Prompts depend on each input, so they cannot be merged into weights; unloading returns the frozen block."""
-        if merge:
-            raise NotImplementedError("MoPE prompts are input-dependent and cannot be merged; use `unload()` instead.")
+    def _detach(self) -> None:
         self._prefix.remove()
-        return self.base_layer
-
-    def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
-        raise NotImplementedError("MoPE prompts are input-dependent and cannot be merged into the block's weights; "
-                                  "keep the adapter attached or call `unload()`.")
-
-    def unmerge(self) -> None:
-        raise NotImplementedError("MoPE adapters are never merged, so there is nothing to unmerge.")
 
     def _map(self, name: str, complementary: torch.Tensor) -> torch.Tensor:
         """The mapped prompt: a two-layer GELU MLP of the complementary feature, reshaped into prompt tokens."""

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..moe import ExpertMLPs, Router, info_nce, switch_balance_loss, z_loss
 from ..towers import key_padding_mask
+from ..tuners import UnmergeableLayer
 from .config import S3Config
 
 
@@ -171,7 +172,7 @@ class S3Core(nn.Module):
         return torch.stack([info_nce(views[0][:, k], views[1][:, k], config.ssl_temperature) for k in alive]).mean()
 
 
-class S3Layer(nn.Module, BaseTunerLayer):
+class S3Layer(UnmergeableLayer, nn.Module, BaseTunerLayer):
     """Wraps the token block of one tower: runs it unchanged and records its output tokens and padding mask.
 
     Each layer owns its tower's projection into the shared latent space and modality embedding; the layer of the
@@ -180,6 +181,8 @@ class S3Layer(nn.Module, BaseTunerLayer):
     """
 
     adapter_layer_names = ("s3_proj", "s3_modality", "s3_core")
+    method_name = "S3"
+    merge_reason = "S3 concepts are computed from each input's tokens"
     other_param_names = ("s3_expert_mask",)
 
     def __init__(self, base_layer: nn.Module, state: S3ForwardState, modality: str, hidden_size: int, **kwargs):
@@ -219,13 +222,6 @@ class S3Layer(nn.Module, BaseTunerLayer):
             mask = key_padding_mask(attention_mask, tokens.shape[1], tokens.shape[0], tokens.device)
             self._state.tokens[self.modality] = (tokens, mask)
         return output
-
-    def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
-        raise NotImplementedError("S3 concepts are computed from each input's tokens and cannot be merged into the "
-                                  "towers' weights; keep the adapter attached or call `unload()`.")
-
-    def unmerge(self) -> None:
-        raise NotImplementedError("S3 adapters are never merged, so there is nothing to unmerge.")
 
     def __repr__(self) -> str:
         return "s3." + super().__repr__()
