@@ -37,7 +37,7 @@ except ImportError:  # pragma: no cover
 
 __all__ = ["PretrainedBackbones", "cell_targets", "default_cache_dir", "pretrained_backbones"]
 
-RECIPE_VERSION = "v2"
+RECIPE_VERSION = "v3"
 HIDDEN, LAYERS, HEADS, INTERMEDIATE = 64, 4, 4, 128
 MAX_TEXT_LENGTH = 64
 DEFAULT_VISION_STEPS, DEFAULT_TEXT_STEPS = 2000, 1000
@@ -50,6 +50,7 @@ VISION_BATCH, VISION_LR, VISION_POOL_PIXELS, VISION_EVAL, VISION_MAX_OBJECTS = 6
 TEXT_BATCH, TEXT_LR, TEXT_POOL, TEXT_EVAL, TEXT_MAX_OBJECTS = 64, 2e-3, 32768, 2000, 5
 CAPTIONS_PER_SCENE, QUERY_FRACTION, MASK_PROBABILITY = 4, 0.1, 0.15
 SENTENCE_POSITIONS = 24  # caption tokens the [CLS] feature is trained to reconstruct
+BAG_OF_WORDS_WEIGHT = 10.0  # weight of the [CLS] bag-of-words loss (per-word BCE, averaged over the vocabulary)
 _VISION_STREAM, _TEXT_STREAM = 101, 102  # keep these data streams apart from the task builders' streams
 
 
@@ -240,7 +241,8 @@ def _mask(input_ids: torch.Tensor, special: torch.Tensor, tokenizer, generator: 
 
 
 class _SentenceMLM(nn.Module):
-    """BERT MLM plus a [CLS] decoder that reads every caption token back from the [CLS] feature alone."""
+    """BERT MLM plus [CLS] decoders that read the caption back from the [CLS] feature alone: every token at its
+    position, and the set of its words (without the set, [CLS] learns the templates and not the content words)."""
 
     def __init__(self, config: BertConfig):
         super().__init__()
@@ -248,15 +250,20 @@ class _SentenceMLM(nn.Module):
         self.positions = nn.Parameter(torch.randn(SENTENCE_POSITIONS, config.hidden_size) * 0.02)
         self.project = nn.Linear(config.hidden_size, config.hidden_size)
         self.decode = nn.Linear(config.hidden_size, config.vocab_size)
+        self.words = nn.Linear(config.hidden_size, config.vocab_size)
 
     def sentence_logits(self, cls: torch.Tensor) -> torch.Tensor:
         return self.decode(nn.functional.gelu(self.project(cls)[:, None] + self.positions))
 
     def forward(self, input_ids, attention_mask, labels, sentence):
         out = self.mlm(input_ids=input_ids, attention_mask=attention_mask, labels=labels, output_hidden_states=True)
-        logits = self.sentence_logits(out.hidden_states[-1][:, 0])
+        cls = out.hidden_states[-1][:, 0]
+        logits = self.sentence_logits(cls)
         loss = nn.functional.cross_entropy(logits.flatten(0, 1), sentence.flatten(), ignore_index=-100)
-        out.loss = out.loss + loss
+        bag = torch.zeros(len(sentence), self.words.out_features + 1, device=cls.device)
+        bag.scatter_(1, sentence.masked_fill(sentence < 0, bag.shape[1] - 1), 1.0)  # -100 goes to a spare column
+        bag_loss = nn.functional.binary_cross_entropy_with_logits(self.words(cls), bag[:, :-1])
+        out.loss = out.loss + loss + BAG_OF_WORDS_WEIGHT * bag_loss
         return out
 
 

@@ -34,6 +34,8 @@ MULTILABEL_TEMPLATES: tuple[str, ...] = ("the {colour} shapes", "find the {colou
                                          "where are the {colour} shapes")
 MAX_CAPTIONS_PER_IMAGE = 5
 TASKS: tuple[str, ...] = ("entailment", "multilabel", "retrieval")
+HYPOTHESIS_TYPES: tuple[str, ...] = ("colour", "shape", "exists", "row", "column", "relation")
+DEFAULT_HYPOTHESES: tuple[str, ...] = ("colour",)
 SPECIAL_TOKENS: tuple[str, ...] = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 _COLOUR_RGB: dict[str, tuple[int, int, int]] = {
@@ -67,7 +69,8 @@ def _build_vocabulary() -> list[str]:
 CAPTION_VOCABULARY: list[str] = _build_vocabulary()
 
 Kind = tuple[str, str]  # (colour, shape); unique within a scene so every caption refers to one object
-Caption = tuple  # structured caption: ("exists", kind) | ("row", kind, r) | ("column", kind, c)
+Caption = tuple  # structured caption: ("colour", c) | ("shape", s) | ("exists", kind) | ("row", kind, r)
+#                  | ("column", kind, c)
 #                  | ("relation", kind_a, relation, kind_b) | ("count", n) | ("list", kinds)
 
 
@@ -135,6 +138,10 @@ def _noun(kind: Kind) -> str:
 def caption_text(caption: Caption) -> str:
     """English sentence for a structured caption, using only words of CAPTION_VOCABULARY."""
     tag = caption[0]
+    if tag == "colour":
+        return f"there is {_article(caption[1])} {caption[1]} shape"
+    if tag == "shape":
+        return f"there is {_article(caption[1])} {caption[1]}"
     if tag == "exists":
         return f"there is {_noun(caption[1])}"
     if tag == "row":
@@ -170,6 +177,10 @@ def caption_holds(caption: Caption, scene: Scene) -> bool:
         return len(scene.objects) == caption[1]
     if tag == "list":
         return sorted(caption[1]) == sorted(o.kind for o in scene.objects)
+    if tag == "colour":
+        return any(o.colour == caption[1] for o in scene.objects)
+    if tag == "shape":
+        return any(o.shape == caption[1] for o in scene.objects)
     cell = scene.cell_of(caption[1])
     if cell is None:
         return False
@@ -209,10 +220,15 @@ def _change_one_attribute(kind: Kind, rng: np.random.Generator, exclude: set[Kin
     return options[rng.integers(len(options))]
 
 
-def _random_caption(rng: np.random.Generator, max_objects: int) -> Caption:
-    """A uniformly drawn entailment hypothesis (existence, row, column or spatial relation)."""
-    tags = ["exists", "row", "column"] + (["relation", "relation"] if max_objects >= 2 else [])
+def _random_caption(rng: np.random.Generator, max_objects: int,
+                    hypotheses: tuple[str, ...] = ("exists", "row", "column", "relation")) -> Caption:
+    """A drawn entailment hypothesis of one of the ``hypotheses`` types (relations twice as often as the others)."""
+    tags = [t for t in hypotheses for _ in range(2 if t == "relation" else 1) if t != "relation" or max_objects >= 2]
     tag = tags[rng.integers(len(tags))]
+    if tag == "colour":
+        return ("colour", COLOURS[rng.integers(len(COLOURS))])
+    if tag == "shape":
+        return ("shape", SHAPES[rng.integers(len(SHAPES))])
     kind = _random_kind(rng)
     if tag == "exists":
         return ("exists", kind)
@@ -224,6 +240,10 @@ def _random_caption(rng: np.random.Generator, max_objects: int) -> Caption:
 def _perturb(caption: Caption, rng: np.random.Generator) -> Caption:
     """A near-miss of ``caption`` (same template, one detail changed) that can be true while it is false."""
     tag = caption[0]
+    if tag in ("colour", "shape"):
+        names = COLOURS if tag == "colour" else SHAPES
+        others = [name for name in names if name != caption[1]]
+        return (tag, others[rng.integers(len(others))])
     if tag == "exists":
         return ("exists", _change_one_attribute(caption[1], rng))
     if tag in ("row", "column"):
@@ -251,6 +271,10 @@ def _placements(caption: Caption | None, rng: np.random.Generator) -> list[Scene
     if caption is None:
         return []
     tag = caption[0]
+    if tag in ("colour", "shape"):
+        kind = (caption[1], SHAPES[rng.integers(len(SHAPES))]) if tag == "colour" else \
+            (COLOURS[rng.integers(len(COLOURS))], caption[1])
+        return _placements(("exists", kind), rng)
     if tag == "exists":
         r, c = _CELLS[rng.integers(len(_CELLS))]
         return [SceneObject(*caption[1], r, c)]
@@ -329,11 +353,19 @@ def make_scenes(num_examples: int, seed: int = 0, image_size: int = 32, max_obje
 # ----------------------------------------------------------------------------------------------- builders
 
 
+def _check_hypotheses(hypotheses) -> tuple[str, ...]:
+    hypotheses = (hypotheses,) if isinstance(hypotheses, str) else tuple(hypotheses)
+    bad = [h for h in hypotheses if h not in HYPOTHESIS_TYPES]
+    if bad or not hypotheses:
+        raise ValueError(f"hypotheses must be a non-empty list of {HYPOTHESIS_TYPES}, got {list(hypotheses)!r}")
+    return hypotheses
+
+
 def _entailment(num_examples: int, rng: np.random.Generator, image_size: int, max_objects: int,
-                ) -> datasets.Dataset:
+                hypotheses: tuple[str, ...] = DEFAULT_HYPOTHESES) -> datasets.Dataset:
     images, texts, labels = [], [], []
     for _ in range(-(-num_examples // 4)):
-        first = _random_caption(rng, max_objects)
+        first = _random_caption(rng, max_objects, hypotheses)
         second = _perturb(first, rng)
         x = _png(render_scene(sample_scene(rng, max_objects, true=first, false=second), image_size, rng))
         y = _png(render_scene(sample_scene(rng, max_objects, true=second, false=first), image_size, rng))
@@ -414,18 +446,22 @@ def _retrieval(num_examples: int, rng: np.random.Generator, image_size: int, max
                                       features=features, info=info)
 
 
-def build_entailment_dataset(num_examples: int, seed: int = 0, image_size: int = 32,
-                             max_objects: int = 3) -> datasets.Dataset:
+def build_entailment_dataset(num_examples: int, seed: int = 0, image_size: int = 32, max_objects: int = 3,
+                             hypotheses: tuple[str, ...] = DEFAULT_HYPOTHESES) -> datasets.Dataset:
     """Visual entailment (SNLI-VE-like): ``image``, ``text`` hypothesis, ``label`` (contradiction/entailment).
 
-    Examples come in groups of four: a random caption A, a near-miss B of it (one colour, shape, row, column or
-    relation changed), an image X where A holds and B does not, an image Y where B holds and A does not, giving
+    ``hypotheses`` picks the caption types (``HYPOTHESIS_TYPES``): ``colour`` ("there is a red shape", the
+    default), ``shape`` ("there is a circle"), ``exists`` ("there is a red circle"), ``row`` / ``column`` ("a red
+    circle is in the top row") and ``relation`` ("a red circle is left of a blue square"); the later ones need finer
+    spatial reading than tiny frozen encoders give. Examples come in groups of four: a random caption A, a near-miss
+    B of it (one colour, shape, row, column or relation changed), an image X where A holds and B does not, an image Y where B holds and A does not, giving
     (X, A, 1), (Y, A, 0), (Y, B, 1), (X, B, 0). So each caption text and each image is true exactly as often as
     false (exact when ``num_examples`` is a multiple of 4), and only the pairing decides the label.
     """
     _check_size("num_examples", num_examples)
     _check_scene_args(image_size, max_objects)
-    return _entailment(num_examples, _rng(seed, "entailment"), image_size, max_objects)
+    hypotheses = _check_hypotheses(hypotheses)
+    return _entailment(num_examples, _rng(seed, "entailment"), image_size, max_objects, hypotheses)
 
 
 def build_multilabel_dataset(num_examples: int, seed: int = 0, image_size: int = 32,
@@ -460,7 +496,8 @@ def build_synthetic_splits(task: str, train_size: int, eval_size: int, seed: int
                            **kwargs) -> datasets.DatasetDict:
     """``train`` and ``validation`` splits of one synthetic task; ``train`` equals the task's builder at ``seed``.
 
-    Extra keyword arguments (``max_objects``, ``captions_per_image``) go to the builder. Retrieval image ids of
+    Extra keyword arguments (``max_objects``; ``hypotheses`` for entailment, ``captions_per_image`` for retrieval)
+    go to the builder. Retrieval image ids of
     the validation split continue after those of the train split.
     """
     if task not in TASKS:
@@ -471,11 +508,13 @@ def build_synthetic_splits(task: str, train_size: int, eval_size: int, seed: int
     _check_scene_args(image_size, max_objects)
     if task == "retrieval":
         captions_per_image = kwargs.pop("captions_per_image", 2)
+    if task == "entailment":
+        hypotheses = _check_hypotheses(kwargs.pop("hypotheses", DEFAULT_HYPOTHESES))
     if kwargs:
         raise TypeError(f"unexpected arguments for task {task!r}: {', '.join(sorted(kwargs))}")
     if task == "entailment":
-        train = build_entailment_dataset(train_size, seed, image_size, max_objects)
-        validation = _entailment(eval_size, _rng(seed, task, 1), image_size, max_objects)
+        train = build_entailment_dataset(train_size, seed, image_size, max_objects, hypotheses)
+        validation = _entailment(eval_size, _rng(seed, task, 1), image_size, max_objects, hypotheses)
     elif task == "multilabel":
         train = build_multilabel_dataset(train_size, seed, image_size, max_objects)
         validation = _multilabel(eval_size, _rng(seed, task, 1), image_size, max_objects)

@@ -9,6 +9,7 @@ from ..registry import MMExpertsPeftType
 from ..tuners import TowerAdapterConfig
 
 TOWERS = ("vision", "text")
+PROMPT_MODES = ("tokens", "prefix")
 
 
 @dataclass
@@ -40,13 +41,19 @@ class MoPEConfig(TowerAdapterConfig):
     routed_layers: list[int] | None = field(
         default=None, metadata={"help": "Indices of the prompted tower's blocks that get routed prompts; None = all."})
     prompt_dropout: float = field(default=0.1, metadata={"help": "Dropout on prompts in training."})
+    prompt_mode: str = field(default="tokens", metadata={
+        "help": "'tokens': prompts are extra tokens each block processes with the real ones and drops after it "
+                "(VPT-deep, as the official code); 'prefix': prompts are extra keys/values of each block's "
+                "self-attention behind a zero-init per-head gate (the adapter starts as an exact identity)."})
     init_weights: bool = field(
-        default=True, metadata={"help": "True: zero-init prompt gates, the adapter starts as an exact identity; "
-                                        "False: random gates (for tests)."})
+        default=True, metadata={"help": "With prompt_mode='prefix': True zero-inits the prompt gates (an exact "
+                                        "identity at init); False draws them at random (for tests)."})
 
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = MMExpertsPeftType.MOPE
+        if self.prompt_mode not in PROMPT_MODES:
+            raise ValueError(f"prompt_mode must be one of {PROMPT_MODES}, got {self.prompt_mode!r}.")
         if self.prompted_tower not in TOWERS:
             raise ValueError(f"prompted_tower must be one of {TOWERS}, got {self.prompted_tower!r}.")
         if not isinstance(self.prompt_length, int) or isinstance(self.prompt_length, bool) or self.prompt_length < 1:

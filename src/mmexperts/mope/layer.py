@@ -11,7 +11,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ..moe import Router, importance_loss
-from ..prefix import PREFIX_KWARG, PrefixAttention
+from ..prefix import PREFIX_KWARG, PrefixAttention, with_prompt_tokens
 from ..towers import key_padding_mask
 from ..tuners import UnmergeableLayer
 from .config import MoPEConfig
@@ -40,7 +40,8 @@ def _prompt_init(hidden_size: int) -> float:
 class MoPELayer(UnmergeableLayer, nn.Module, BaseTunerLayer):
     """Wraps one frozen transformer block. ``routed`` blocks (prompted tower) build ``[static; dynamic; mapped]``
     prompts, the dynamic one a router-weighted sum of prompt experts; ``deep`` blocks (complementary tower) use plain
-    deep prompts. Prompts are prefix keys/values of the block's self-attention behind a zero-init per-head gate."""
+    deep prompts. Prompts are tokens the block processes with the real ones (``prompt_mode='tokens'``) or prefix
+    keys/values of its self-attention behind a zero-init per-head gate (``'prefix'``)."""
 
     method_name = "MoPE"
     merge_reason = "MoPE prompts are input-dependent"
@@ -93,11 +94,13 @@ class MoPELayer(UnmergeableLayer, nn.Module, BaseTunerLayer):
                                                           device=device)
             self.mope_mapper_out[adapter_name] = nn.Linear(config.mapper_hidden_size,
                                                            config.mapped_prompt_length * d, device=device)
-        gate = torch.zeros(self.num_heads, device=device)
-        if not config.init_weights:
-            gate.normal_(0.0, 1.0)
-        self.mope_gate[adapter_name] = nn.Parameter(gate)
+        if config.prompt_mode == "prefix":
+            gate = torch.zeros(self.num_heads, device=device)
+            if not config.init_weights:
+                gate.normal_(0.0, 1.0)
+            self.mope_gate[adapter_name] = nn.Parameter(gate)
         self.mope_settings[adapter_name] = {
+            "prompt_mode": config.prompt_mode,
             "mapped_prompt_length": config.mapped_prompt_length if role == ROUTED else 0,
             "importance_threshold": config.importance_threshold,
             "prompt_dropout": config.prompt_dropout,
@@ -152,17 +155,23 @@ class MoPELayer(UnmergeableLayer, nn.Module, BaseTunerLayer):
             return self.base_layer(hidden_states, *args, **kwargs)
         attention_mask = args[0] if args else kwargs.get("attention_mask")
         prefixes = list(kwargs.pop(PREFIX_KWARG, None) or [])
+        tokens = []
         for name in self.active_adapters:
-            if name not in self.mope_gate:
+            if name not in self.mope_role:
                 continue
             if self.mope_role[name] == ROUTED:
                 prompts = self._routed_prompts(name, hidden_states, attention_mask)
             else:
                 prompts = self.mope_static[name].expand(hidden_states.shape[0], -1, -1)
             prompts = nn.functional.dropout(prompts, self.mope_settings[name]["prompt_dropout"], self.training)
-            prefixes.append((prompts, self.mope_gate[name]))
+            if self.mope_settings[name]["prompt_mode"] == "prefix":
+                prefixes.append((prompts, self.mope_gate[name]))
+            else:
+                tokens.append(prompts)
         if prefixes:
             kwargs[PREFIX_KWARG] = prefixes
+        if tokens:
+            return with_prompt_tokens(self.base_layer, torch.cat(tokens, 1), hidden_states, args, kwargs)
         return self.base_layer(hidden_states, *args, **kwargs)
 
     def __repr__(self) -> str:

@@ -26,6 +26,9 @@ class TrainConfig:
     dataset: str = field(default="synthetic:entailment", metadata={
         "help": "'synthetic:<task>', a known Hub dataset ('snli-ve', 'mm-imdb', 'food101'), an 'owner/name' Hub id, "
                 "or 'local' with data_dir."})
+    dataset_config: str = field(default="{}", metadata={
+        "help": "Keyword arguments of the dataset's loader, as YAML/JSON, e.g. '{hypotheses: [colour, shape]}' for "
+                "synthetic:entailment or '{name: plain_text}' for a Hub dataset."})
     data_dir: str | None = field(default=None, metadata={"help": "Folder of local data (images + jsonl/csv)."})
     train_size: int = field(default=4000, metadata={"help": "Synthetic training examples."})
     eval_size: int = field(default=1000, metadata={"help": "Synthetic evaluation examples."})
@@ -79,15 +82,21 @@ class TrainConfig:
             raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}.")
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("--push_to_hub needs --hub_model_id user/repo.")
-        if isinstance(self.method_config, dict):
-            self.method_config = yaml.safe_dump(self.method_config)
-        if not isinstance(self.method_kwargs, dict):
-            raise ValueError(f"method_config must be a mapping of config fields, got {self.method_config!r}.")
+        for name in ("method_config", "dataset_config"):
+            if isinstance(getattr(self, name), dict):
+                setattr(self, name, yaml.safe_dump(getattr(self, name)))
+            if not isinstance(yaml.safe_load(getattr(self, name)) or {}, dict):
+                raise ValueError(f"{name} must be a mapping of keyword arguments, got {getattr(self, name)!r}.")
 
     @property
     def method_kwargs(self) -> dict:
         """``method_config`` parsed into keyword arguments."""
         return yaml.safe_load(self.method_config) or {}
+
+    @property
+    def dataset_kwargs(self) -> dict:
+        """``dataset_config`` parsed into keyword arguments of ``load_task``."""
+        return yaml.safe_load(self.dataset_config) or {}
 
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
@@ -105,6 +114,7 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"{path}: unknown fields {unknown}; valid fields: {sorted(known)}.")
-        parser.set_defaults(**{k: (yaml.safe_dump(v) if k == "method_config" else v) for k, v in values.items()})
+        parser.set_defaults(**{k: (yaml.safe_dump(v) if k in ("method_config", "dataset_config") else v)
+                               for k, v in values.items()})
     config, _ = parser.parse_args_into_dataclasses(args=argv)
     return config

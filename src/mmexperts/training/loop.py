@@ -123,7 +123,8 @@ class Trainer:
         with accelerator.main_process_first():
             self.task = load_task(config.dataset, data_dir=config.data_dir, train_size=config.train_size,
                                   eval_size=config.eval_size, seed=config.seed, image_size=config.image_size,
-                                  strict=config.strict_data, max_rows=config.max_train_rows)
+                                  strict=config.strict_data, max_rows=config.max_train_rows,
+                                  **config.dataset_kwargs)
         self.retrieval = self.task.task_type == "retrieval"
         if self.retrieval and config.method not in RETRIEVAL_METHODS:
             raise ValueError(f"{config.dataset} is a retrieval task, which trains a connector method "
