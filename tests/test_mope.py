@@ -33,19 +33,22 @@ def test_trainable_share_at_vit_b_bert_base_sizes():
 
 @pytest.mark.parametrize("family", sorted(MODEL_FACTORIES))
 @pytest.mark.parametrize("tower", ["vision", "text"])
-def test_identity_at_init_and_disabled_adapter(family, tower):
+def test_prefix_identity_at_init_prompt_tokens_and_disabled_adapter(family, tower):
     batch = make_batch(with_labels=family == "classifier")
     names = EMBEDDINGS[family]
     expected = outputs(MODEL_FACTORIES[family](), batch, names)
-    model = peft.get_peft_model(MODEL_FACTORIES[family](), MoPEConfig(prompted_tower=tower)).eval()
-    for got, want in zip(outputs(model, batch, names), expected):
+    model = peft.get_peft_model(MODEL_FACTORIES[family](), MoPEConfig(prompted_tower=tower, prompt_mode="prefix"))
+    for got, want in zip(outputs(model.eval(), batch, names), expected):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
-    random = peft.get_peft_model(MODEL_FACTORIES[family](), MoPEConfig(prompted_tower=tower, init_weights=False))
-    random.eval()
-    assert any(not torch.allclose(g, w) for g, w in zip(outputs(random, batch, names), expected))
-    with random.disable_adapter():
-        for got, want in zip(outputs(random, batch, names), expected):
-            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for config in (MoPEConfig(prompted_tower=tower, prompt_mode="prefix", init_weights=False),
+                   MoPEConfig(prompted_tower=tower)):  # random gates; prompt tokens (no gates)
+        adapted = peft.get_peft_model(MODEL_FACTORIES[family](), config).eval()
+        assert any(not torch.allclose(g, w) for g, w in zip(outputs(adapted, batch, names), expected))
+        for got, want in zip(outputs(adapted, batch, names), expected):
+            assert got.shape == want.shape  # prompt tokens never reach the outputs
+        with adapted.disable_adapter():
+            for got, want in zip(outputs(adapted, batch, names), expected):
+                torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("family", ["classifier", "dual_encoder", "clip"])
@@ -135,10 +138,29 @@ def test_without_experts_blocks_keep_static_and_mapped_prompts_only():
     ({"num_experts": 2.5}, "num_experts"), ({"static_prompt_length": -2}, "static_prompt_length"),
     ({"prompted_tower": "audio"}, "prompted_tower"), ({"router_temperature": 0}, "router_temperature"),
     ({"router_self_dim": 0, "router_cross_dim": 0}, "router_self_dim"),
+    ({"prompt_mode": "suffix"}, "prompt_mode must be one of .*'suffix'"),
 ])
 def test_invalid_config_values(kwargs, message):
     with pytest.raises(ValueError, match=message):
         MoPEConfig(**kwargs)
+
+
+def test_attention_masks_extended_for_prompt_tokens():
+    from mmexperts.prefix import extend_attention_mask
+
+    padding = torch.tensor([[1, 1, 0]])
+    assert extend_attention_mask(padding, 2).tolist() == [[1, 1, 1, 1, 0]]
+    causal = torch.tril(torch.ones(3, 3, dtype=torch.bool))[None, None] & padding.bool()[:, None, None]
+    extended = extend_attention_mask(causal, 2)
+    assert extended.shape == (1, 1, 5, 5)
+    assert extended[0, 0, 2:, :2].all()  # every real token sees the prompts
+    assert torch.equal(extended[0, 0, 2:, 2:], causal[0, 0])  # and the real tokens as before
+    assert extended[0, 0, :2, :2].all() and not extended[0, 0, :2, 2:].any()
+    additive = torch.zeros(1, 1, 3, 3).masked_fill(~causal, torch.finfo(torch.float32).min)
+    assert torch.equal(extend_attention_mask(additive, 2) == 0, extended)
+    assert extend_attention_mask(None, 2) is None
+    with pytest.raises(ValueError, match="2-D or 4-D"):
+        extend_attention_mask(torch.ones(1, 1, 3), 2)
 
 
 def test_routed_layers_out_of_range():

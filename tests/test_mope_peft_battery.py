@@ -377,7 +377,7 @@ def test_only_params_are_updated(kind):
 @pytest.mark.parametrize("kind", ALL_KINDS)
 def test_disable_adapters(kind):
     base_outputs = run(FACTORIES[kind]().eval(), kind)
-    model = make_mope(kind, init_weights=True).eval()
+    model = make_mope(kind, init_weights=True, prompt_mode="prefix").eval()
     initial = run(model, kind)
     assert_same(initial, base_outputs, atol=0)  # zero-init gates: an exact identity
     if kind == "classifier":  # the loss is the base loss plus the weighted importance loss of the routers

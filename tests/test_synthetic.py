@@ -17,6 +17,7 @@ from PIL import Image
 from mmexperts.data import synthetic
 from mmexperts.data.synthetic import (
     CAPTION_VOCABULARY,
+    HYPOTHESIS_TYPES,
     MULTILABEL_NAMES,
     build_entailment_dataset,
     build_multilabel_dataset,
@@ -73,6 +74,10 @@ def decode_scene(image: Image.Image) -> dict[tuple[str, str], tuple[int, int]]:
 
 def holds(text: str, objects: dict) -> bool:
     """Truth of a caption in a decoded scene, from the caption's words alone."""
+    if m := re.fullmatch(r"there is a (\w+) shape", text):
+        return any(colour == m.group(1) for colour, _ in objects)
+    if m := re.fullmatch(r"there is a (\w+)", text):
+        return any(shape == m.group(1) for _, shape in objects)
     if m := re.fullmatch(r"there is a (\w+) (\w+)", text):
         return m.groups() in objects
     if m := re.fullmatch(r"a (\w+) (\w+) is in the (\w+) (row|column)", text):
@@ -96,12 +101,12 @@ def holds(text: str, objects: dict) -> bool:
 
 @pytest.fixture(scope="module")
 def entailment() -> datasets.Dataset:
-    return build_entailment_dataset(800, seed=0)
+    return build_entailment_dataset(800, seed=0, hypotheses=HYPOTHESIS_TYPES)
 
 
 @pytest.fixture(scope="module")
 def entailment_large_images() -> datasets.Dataset:
-    return build_entailment_dataset(120, seed=5, image_size=64)
+    return build_entailment_dataset(120, seed=5, image_size=64, hypotheses=HYPOTHESIS_TYPES)
 
 
 # --------------------------------------------------------------------------------------------- determinism
@@ -206,8 +211,19 @@ def test_entailment_image_alone_is_chance(entailment):
 
 def test_entailment_covers_all_templates(entailment):
     texts = entailment["text"]
-    for pattern in (r"there is a \w+ \w+", r".* row", r".* column", r".* (left of|right of|above|below) .*"):
+    for pattern in (r"there is a \w+ shape", r"there is a (circle|square|triangle)", r"there is a \w+ \w+", r".* row", r".* column", r".* (left of|right of|above|below) .*"):
         assert any(re.fullmatch(pattern, t) for t in texts), pattern
+
+
+def test_entailment_default_hypotheses_are_colour_existence():
+    data = build_entailment_dataset(40, seed=3)
+    assert all(re.fullmatch(r"there is a \w+ shape", text) for text in data["text"])
+    assert Counter(data["label"]) == {0: 20, 1: 20}
+
+
+def test_entailment_unknown_hypothesis_type_is_named():
+    with pytest.raises(ValueError, match="'colors'"):
+        build_entailment_dataset(8, hypotheses=["colors"])
 
 
 # ------------------------------------------------------------------------------------------------- splits

@@ -118,6 +118,11 @@ def test_config_file_and_command_line_overrides(tmp_path):
     path.write_text("method: mope\nmethod_config: {num_experts: 8}\nmax_steps: 7\nbatch_size: 4\n")
     config = parse_config(["--config", str(path), "--batch_size", "16"])
     assert config.method_kwargs == {"num_experts": 8} and config.max_steps == 7 and config.batch_size == 16
+    path.write_text("dataset_config: {hypotheses: [shape]}\n")
+    assert parse_config(["--config", str(path)]).dataset_kwargs == {"hypotheses": ["shape"]}
+    assert parse_config(["--dataset_config", "{max_objects: 2}"]).dataset_kwargs == {"max_objects": 2}
+    with pytest.raises(ValueError, match="dataset_config must be a mapping"):
+        TrainConfig(dataset_config="[colour]")
     path.write_text("max_step: 7\n")
     with pytest.raises(ValueError, match="unknown fields \\['max_step'\\]"):
         parse_config(["--config", str(path)])

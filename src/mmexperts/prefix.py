@@ -1,6 +1,6 @@
 """Prompts in a frozen transformer block, two ways (shared by the prompt-based methods).
 
-``with_prompt_tokens`` runs the block over its real tokens followed by prompt tokens and drops the prompts' outputs
+``with_prompt_tokens`` runs the block over prompt tokens followed by its real tokens and drops the prompts' outputs
 (VPT-deep): prompts and real tokens share one softmax, and the prompts' own queries read the real tokens.
 
 ``PrefixAttention``: prompt tokens placed in front of a block's input and stripped after it (VPT-deep, "replace" style) act on the real
@@ -23,41 +23,46 @@ _ROTARY_KWARGS = ("position_embeddings", "rotary_pos_emb")
 
 
 def extend_attention_mask(mask: torch.Tensor | None, extra: int) -> torch.Tensor | None:
-    """A block's attention mask for ``extra`` prompt tokens appended after its real tokens.
+    """A block's attention mask for ``extra`` prompt tokens placed before its real tokens.
 
-    Every token may attend to the prompts; the prompts attend to what the last real token attends to. Takes the
-    2-D (batch, keys) padding mask or a 4-D (batch, heads, queries, keys) boolean or additive mask.
+    Every real token may attend to the prompts (also in causal towers, where the prompts come first); the prompts
+    attend to each other (their outputs are dropped after the block). Takes the 2-D (batch, keys) padding mask or a
+    4-D (batch, heads, queries, keys) boolean or additive mask; ``None`` stays ``None``.
     """
     if mask is None:
         return None
     if mask.dim() == 2:
-        return torch.cat([mask, mask.new_ones(mask.shape[0], extra)], 1)
+        return torch.cat([mask.new_ones(mask.shape[0], extra), mask], 1)
     if mask.dim() != 4:
         raise ValueError(f"Expected a 2-D or 4-D attention mask, got shape {tuple(mask.shape)}.")
-    open_value = True if mask.dtype == torch.bool else 0
-    keys = torch.cat([mask, mask.new_full((*mask.shape[:3], extra), open_value)], -1)
-    if keys.shape[2] == 1:  # one row broadcast over all queries
-        return keys
-    return torch.cat([keys, keys[:, :, -1:].expand(-1, -1, extra, -1)], 2)
+    batch, heads, queries, keys = mask.shape
+    is_bool = mask.dtype == torch.bool
+    open_value, closed_value = (True, False) if is_bool else (0.0, torch.finfo(mask.dtype).min)
+    columns = torch.cat([mask.new_full((batch, heads, queries, extra), open_value), mask], -1)
+    if queries == 1:  # one row broadcast over all queries
+        return columns
+    prompt_rows = torch.cat([mask.new_full((batch, heads, extra, extra), open_value),
+                             mask.new_full((batch, heads, extra, keys), closed_value)], -1)
+    return torch.cat([prompt_rows, columns], 2)
 
 
 def with_prompt_tokens(block: nn.Module, prompts: torch.Tensor, hidden_states: torch.Tensor, args: tuple,
                        kwargs: dict):
-    """Call ``block`` on ``[hidden_states; prompts]`` and return its output for the real tokens only."""
+    """Call ``block`` on ``[prompts; hidden_states]`` and return its output for the real tokens only."""
     rotary = [name for name in _ROTARY_KWARGS if kwargs.get(name) is not None]
     if rotary:
         raise ValueError(f"{type(block).__name__} gets rotary position embeddings ({rotary[0]}), which do not cover "
-                         "appended prompt tokens; use prompt_mode='prefix' for this model.")
-    length = hidden_states.shape[1]
-    tokens = torch.cat([hidden_states, prompts.to(hidden_states.dtype)], 1)
+                         "prompt tokens; use prompt_mode='prefix' for this model.")
+    extra = prompts.shape[1]
+    tokens = torch.cat([prompts.to(hidden_states.dtype), hidden_states], 1)
     if args:
-        args = (extend_attention_mask(args[0], prompts.shape[1]), *args[1:])
+        args = (extend_attention_mask(args[0], extra), *args[1:])
     elif kwargs.get("attention_mask") is not None:
-        kwargs = {**kwargs, "attention_mask": extend_attention_mask(kwargs["attention_mask"], prompts.shape[1])}
+        kwargs = {**kwargs, "attention_mask": extend_attention_mask(kwargs["attention_mask"], extra)}
     output = block(tokens, *args, **kwargs)
     if isinstance(output, tuple):
-        return (output[0][:, :length], *output[1:])
-    return output[:, :length]
+        return (output[0][:, extra:], *output[1:])
+    return output[:, extra:]
 
 
 class PrefixAttention:
