@@ -123,6 +123,8 @@ def test_config_file_and_command_line_overrides(tmp_path):
     assert parse_config(["--dataset_config", "{max_objects: 2}"]).dataset_kwargs == {"max_objects": 2}
     with pytest.raises(ValueError, match="dataset_config must be a mapping"):
         TrainConfig(dataset_config="[colour]")
+    with pytest.raises(ValueError, match=r"dataset_config sets \['seed'\].*--seed"):
+        TrainConfig(dataset_config="{seed: 3, hypotheses: [colour]}")
     path.write_text("max_step: 7\n")
     with pytest.raises(ValueError, match="unknown fields \\['max_step'\\]"):
         parse_config(["--config", str(path)])

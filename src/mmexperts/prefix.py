@@ -1,13 +1,15 @@
 """Prompts in a frozen transformer block, two ways (shared by the prompt-based methods).
 
-``with_prompt_tokens`` runs the block over prompt tokens followed by its real tokens and drops the prompts' outputs
-(VPT-deep): prompts and real tokens share one softmax, and the prompts' own queries read the real tokens.
-
-``PrefixAttention``: prompt tokens placed in front of a block's input and stripped after it (VPT-deep, "replace" style) act on the real
+Prompt tokens placed in front of a block's input and stripped after it (VPT-deep, "replace" style) act on the real
 tokens only through the keys and values they add to self-attention, since every other part of a block works token by
-token. So prompts enter here as extra keys and values, computed with the block's own normalisation and projections,
-attended to with a softmax of their own and scaled by a per-head gate (LLaMA-Adapter's zero-init attention). A zero
-gate makes the block exactly the frozen block; padding masks stay untouched; prompt rows cost nothing.
+token; the prompts' own outputs are dropped.
+
+``with_prompt_tokens`` does exactly that: the block runs over ``[prompts; real tokens]`` (as the official MoPE code),
+so prompts and real tokens share one softmax, at the cost of the prompt rows the block computes and drops.
+
+``PrefixAttention`` computes only those extra keys and values, with the block's own normalisation and projections,
+attends to them with a softmax of their own and scales them by a per-head gate (LLaMA-Adapter's zero-init attention).
+A zero gate makes the block exactly the frozen block; padding masks stay untouched; prompt rows cost nothing.
 """
 
 from __future__ import annotations

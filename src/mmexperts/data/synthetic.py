@@ -453,8 +453,10 @@ def build_entailment_dataset(num_examples: int, seed: int = 0, image_size: int =
     ``hypotheses`` picks the caption types (``HYPOTHESIS_TYPES``): ``colour`` ("there is a red shape", the
     default), ``shape`` ("there is a circle"), ``exists`` ("there is a red circle"), ``row`` / ``column`` ("a red
     circle is in the top row") and ``relation`` ("a red circle is left of a blue square"); the later ones need finer
-    spatial reading than tiny frozen encoders give. Examples come in groups of four: a random caption A, a near-miss
-    B of it (one colour, shape, row, column or relation changed), an image X where A holds and B does not, an image Y where B holds and A does not, giving
+    spatial reading than tiny frozen encoders give.
+
+    Examples come in groups of four: a random caption A, a near-miss B of it (one colour, shape, row, column or
+    relation changed), an image X where A holds and B does not, an image Y where B holds and A does not, giving
     (X, A, 1), (Y, A, 0), (Y, B, 1), (X, B, 0). So each caption text and each image is true exactly as often as
     false (exact when ``num_examples`` is a multiple of 4), and only the pairing decides the label.
     """
@@ -497,8 +499,7 @@ def build_synthetic_splits(task: str, train_size: int, eval_size: int, seed: int
     """``train`` and ``validation`` splits of one synthetic task; ``train`` equals the task's builder at ``seed``.
 
     Extra keyword arguments (``max_objects``; ``hypotheses`` for entailment, ``captions_per_image`` for retrieval)
-    go to the builder. Retrieval image ids of
-    the validation split continue after those of the train split.
+    go to the builder. Retrieval image ids of the validation split continue after those of the train split.
     """
     if task not in TASKS:
         raise ValueError(f"unknown synthetic task {task!r}; valid choices: {', '.join(TASKS)}")

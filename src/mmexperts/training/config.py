@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,7 +11,12 @@ from pathlib import Path
 import yaml
 from transformers import HfArgumentParser
 
+from ..data.loading import load_task
 from .methods import METHODS
+
+MAPPING_FIELDS = ("method_config", "dataset_config")  # YAML mappings of keyword arguments
+DATASET_ARGUMENTS = tuple(p.name for p in inspect.signature(load_task).parameters.values()
+                          if p.kind is inspect.Parameter.KEYWORD_ONLY)  # set by TrainConfig fields
 
 SYNTHETIC_BACKBONES = "synthetic"
 
@@ -82,11 +88,15 @@ class TrainConfig:
             raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}.")
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("--push_to_hub needs --hub_model_id user/repo.")
-        for name in ("method_config", "dataset_config"):
+        for name in MAPPING_FIELDS:
             if isinstance(getattr(self, name), dict):
                 setattr(self, name, yaml.safe_dump(getattr(self, name)))
             if not isinstance(yaml.safe_load(getattr(self, name)) or {}, dict):
                 raise ValueError(f"{name} must be a mapping of keyword arguments, got {getattr(self, name)!r}.")
+        clash = sorted(set(self.dataset_kwargs) & set(DATASET_ARGUMENTS))
+        if clash:
+            raise ValueError(f"dataset_config sets {clash}, which TrainConfig fields set; use --train_size, "
+                             "--eval_size, --seed, --image_size, --data_dir, --strict_data or --max_train_rows.")
 
     @property
     def method_kwargs(self) -> dict:
@@ -114,7 +124,7 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"{path}: unknown fields {unknown}; valid fields: {sorted(known)}.")
-        parser.set_defaults(**{k: (yaml.safe_dump(v) if k in ("method_config", "dataset_config") else v)
+        parser.set_defaults(**{k: (yaml.safe_dump(v) if k in MAPPING_FIELDS else v)
                                for k, v in values.items()})
     config, _ = parser.parse_args_into_dataclasses(args=argv)
     return config
