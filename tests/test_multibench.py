@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from mmexperts.data import load_multibench, load_task
+from mmexperts.errors import UnsafePickleError
 
 T = 10  # MultiBench pads every affect sequence at the front to a fixed length (50 in the real pickles)
 DIMS = {"vision": 5, "audio": 4, "text": 6}
@@ -182,6 +183,28 @@ def test_refuses_unsafe_pickles_unless_trusted(tmp_path):
     with pytest.raises(pickle.UnpicklingError, match="fractions.Fraction.*trust_pickle=True"):
         load_multibench("sarcasm", tmp_path)
     assert len(load_multibench("sarcasm", tmp_path, trust_pickle=True)["train"]) == 4
+
+
+def _eval_payload(code: str) -> bytes:
+    """A protocol-4 pickle that reaches eval through a dotted name under an allowed module and runs ``code``."""
+    def text(value: str) -> bytes:
+        return b"\x8c" + bytes([len(value.encode())]) + value.encode()  # SHORT_BINUNICODE
+    get_eval = text("numpy.dtypes") + text("__builtins__.get") + b"\x93" + text("eval") + b"\x85R"
+    return b"\x80\x04" + get_eval + text(code) + b"\x85R."
+
+
+def test_dotted_name_payload_runs_no_code(tmp_path):
+    marker = tmp_path / "pwned"
+    payload = _eval_payload(f"__import__('pathlib').Path({str(marker)!r}).touch()")
+    pickle.loads(payload)  # the payload is real: plain pickle runs it
+    assert marker.exists()
+    marker.unlink()
+    (tmp_path / "sarcasm.pkl").write_bytes(payload)
+    with pytest.raises(UnsafePickleError, match=r"numpy\.dtypes\.__builtins__\.get.*trust_pickle=True"):
+        load_multibench("sarcasm", tmp_path)
+    with pytest.raises(UnsafePickleError):
+        load_task("multibench:sarcasm", data_dir=str(tmp_path))
+    assert not marker.exists()
 
 
 @pytest.mark.parametrize("protocol", [2, 3, 4, 5])

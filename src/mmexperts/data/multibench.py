@@ -33,6 +33,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 
+from ..errors import UnsafePickleError
 from .factors import arrays_to_dataset
 
 AFFECT_MODALITIES: tuple[str, ...] = ("vision", "audio", "text")
@@ -71,16 +72,24 @@ _SAFE_GLOBALS = {(m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarr
 _SAFE_GLOBALS |= {(m, "_frombuffer") for m in ("numpy.core.numeric", "numpy._core.numeric")}
 _SAFE_GLOBALS |= {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy", "str_"), ("numpy", "bytes_"),
                   ("collections", "OrderedDict"), ("_codecs", "encode")}  # protocol 2 stores bytes via encode
+# numpy >= 1.25 pickles dtypes by their class in numpy.dtypes: the exact class names, never a dotted path
+_SAFE_GLOBALS |= {("numpy.dtypes", name) for name in dir(np.dtypes)
+                  if isinstance(getattr(np.dtypes, name), type) and issubclass(getattr(np.dtypes, name), np.dtype)}
 
 
 class _ArrayUnpickler(pickle.Unpickler):
-    """Unpickles numpy arrays, scalars and plain containers; refuses any other class or function."""
+    """Unpickles numpy arrays, scalars and plain containers; refuses any other class or function.
+
+    Only exact ``(module, name)`` pairs of an allow-list are resolved: protocol 4 lets a pickle ask for a dotted
+    name (``numpy.dtypes`` then ``__builtins__.eval``), which an allow-list of modules would follow.
+    """
 
     def find_class(self, module: str, name: str):
-        if (module, name) in _SAFE_GLOBALS or module == "numpy.dtypes":
+        if (module, name) in _SAFE_GLOBALS:
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"the pickle wants {module}.{name}, which is not a numpy array or plain "
-                                     "container; if you trust this file, pass trust_pickle=True")
+        raise UnsafePickleError(f"The pickle asks for {module}.{name}, which is not a numpy array, dtype or plain "
+                                "container, so it was not loaded (pickles can run code). If you trust this file, "
+                                "pass trust_pickle=True.")
 
 
 def _find_file(name: str, spec: MultiBenchSpec, data_dir: str | Path) -> Path:
