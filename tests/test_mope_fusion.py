@@ -30,7 +30,7 @@ def xor_task(num: int, seed: int) -> dict:
             "labels": red ^ has_a}
 
 
-def train_and_score(model, steps: int = 150, lr: float = 1e-2) -> float:
+def train_and_score(model, steps: int = 150, lr: float = 3e-3) -> float:
     torch.manual_seed(0)
     train, test = xor_task(512, seed=1), xor_task(256, seed=2)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)

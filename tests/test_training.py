@@ -17,6 +17,7 @@ from transformers import BertConfig, BertModel, ViTConfig, ViTImageProcessor, Vi
 
 from mmexperts import VisionTextModelForClassification
 from mmexperts.data.synthetic import build_tokenizer
+from mmexperts.errors import CheckpointError
 from mmexperts.training import TrainConfig, Trainer, list_checkpoints, parse_config, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,7 +91,7 @@ def test_interrupted_run_resumes_to_the_same_weights(backbones, tmp_path, monkey
 
 
 def test_resume_without_checkpoint_is_a_clear_error(backbones, tmp_path):
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
         train(tiny_config(backbones, tmp_path, resume_from_checkpoint="latest"))
 
 

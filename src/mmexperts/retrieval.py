@@ -9,6 +9,7 @@ Recall is counted by the ``recall_at_k`` evaluate metric of this package, so the
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -20,17 +21,23 @@ from typing import Any
 import faiss
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .atomic import atomic_directory
+from .errors import CorruptFileError
 from .metrics import load_metric
 
 INDEX_TYPES: tuple[str, ...] = ("flat", "ivf", "hnsw")
 METRIC = "cosine"  # inner product of L2-normalised vectors
 PROTOCOLS: tuple[str, ...] = ("multi_caption", "pairwise")
 VECTORS_FILE, CONFIG_FILE = "vectors.safetensors", "store.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: store.json holds the sha256 of each saved tensor
+INDEX_PARAMS: dict[str, tuple[str, ...]] = {"flat": (), "ivf": ("nlist", "nprobe"),
+                                            "hnsw": ("hnsw_m", "ef_construction", "ef_search")}
+INDEX_CLASSES = {"ivf": faiss.IndexIVFFlat, "hnsw": faiss.IndexHNSWFlat}
+REBUILD = "rebuild the store with VectorStore.save"
 
 EncodeFn = Callable[[Any], torch.Tensor]
 
@@ -269,13 +276,14 @@ class VectorStore:
     # persistence --------------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
         """Write the store atomically to a folder: vectors (+ the trained approximate index) as safetensors, and a
-        small JSON with dim, metric, index type and settings, and ids."""
-        tensors = {"vectors": self._vectors}
+        small JSON with dim, metric, index type and settings, ids, and the sha256 of each tensor."""
+        tensors = {"vectors": self._vectors.contiguous()}
         if self.index_type != "flat":  # IVF centroids and HNSW graphs are kept, not rebuilt on load
             tensors["faiss_index"] = torch.from_numpy(faiss.serialize_index(self.index).copy())
         config = {"format_version": FORMAT_VERSION, "count": len(self), "dim": self.dim, "metric": METRIC,
                   "index_type": self.index_type, "index_params": self.params,
-                  "id_type": "int" if self.ids.dtype.kind == "i" else "str", "ids": self.ids.tolist()}
+                  "id_type": "int" if self.ids.dtype.kind == "i" else "str", "ids": self.ids.tolist(),
+                  "sha256": {name: _sha256(tensor) for name, tensor in tensors.items()}}
         with atomic_directory(path) as staging:
             save_file(tensors, str(staging / VECTORS_FILE))
             (staging / CONFIG_FILE).write_text(json.dumps(config))
@@ -283,25 +291,145 @@ class VectorStore:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> VectorStore:
-        """Reload a saved store; nothing is re-encoded and approximate indexes are not retrained."""
+        """Reload a saved store; nothing is re-encoded and approximate indexes are not retrained.
+
+        The tensors must match the sha256 sums in ``store.json``, and the saved FAISS index its type, dimension,
+        count and settings; otherwise ``CorruptFileError`` names the file and the mismatch.
+        """
         path = Path(path)
         missing = [name for name in (VECTORS_FILE, CONFIG_FILE) if not (path / name).is_file()]
         if missing:
             raise FileNotFoundError(f"{path} is not a saved VectorStore: missing {', '.join(missing)}; create one "
                                     "with VectorStore.save(path)")
-        config = json.loads((path / CONFIG_FILE).read_text())
-        if config.get("format_version") != FORMAT_VERSION or config.get("metric") != METRIC:
-            raise ValueError(f"{path / CONFIG_FILE} has format_version={config.get('format_version')!r}, "
-                             f"metric={config.get('metric')!r}; this version reads format_version={FORMAT_VERSION} "
-                             f"with metric={METRIC!r}; rebuild the store with this version")
-        tensors = load_file(str(path / VECTORS_FILE))
-        vectors = tensors["vectors"]
-        if tuple(vectors.shape) != (config["count"], config["dim"]):
-            raise ValueError(f"{path / VECTORS_FILE} holds vectors of shape {tuple(vectors.shape)} but "
-                             f"{CONFIG_FILE} says ({config['count']}, {config['dim']}); the folder is corrupt, "
-                             "rebuild the store")
-        index = faiss.deserialize_index(tensors["faiss_index"].numpy()) if "faiss_index" in tensors else None
-        return cls(vectors, config["ids"], index_type=config["index_type"], _index=index, **config["index_params"])
+        config = _read_config(path / CONFIG_FILE)
+        tensors = _read_tensors(path / VECTORS_FILE, config)
+        index = _read_index(path / VECTORS_FILE, tensors, config)
+        try:
+            return cls(tensors["vectors"], config["ids"], index_type=config["index_type"], _index=index,
+                       **config["index_params"])
+        except (OverflowError, TypeError, ValueError) as error:
+            raise CorruptFileError(path, f"The saved store is inconsistent ({error}); {REBUILD}.") from error
+
+
+def _sha256(tensor: torch.Tensor) -> str:
+    """Hex sha256 of a tensor's raw bytes."""
+    return hashlib.sha256(tensor.contiguous().numpy().reshape(-1).view(np.uint8)).hexdigest()
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _read_config(file: Path) -> dict:
+    """Parse ``store.json`` and check its keys, types and values against each other."""
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CorruptFileError(file, f"Not valid JSON ({error}); {REBUILD}.") from error
+    if not isinstance(config, dict):
+        raise CorruptFileError(file, f"Expected a JSON object, found {type(config).__name__}; {REBUILD}.")
+    if config.get("format_version") != FORMAT_VERSION or config.get("metric") != METRIC:
+        raise ValueError(f"{file} has format_version={config.get('format_version')!r}, "
+                         f"metric={config.get('metric')!r}; this version reads format_version={FORMAT_VERSION} "
+                         f"with metric={METRIC!r}; rebuild the store with this version (VectorStore.save)")
+    kinds = {"count": int, "dim": int, "index_type": str, "index_params": dict, "id_type": str, "ids": list,
+             "sha256": dict}
+    missing = [key for key in kinds if key not in config]
+    if missing:
+        raise CorruptFileError(file, f"Missing the keys {missing}; {REBUILD}.")
+    for key, kind in kinds.items():
+        value = config[key]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise CorruptFileError(file, f"Key {key!r} holds {type(value).__name__} {value!r:.60}, expected "
+                                         f"{kind.__name__}; {REBUILD}.")
+    for key in ("count", "dim"):
+        if config[key] < 1:
+            raise CorruptFileError(file, f"Key {key!r} is {config[key]}, expected a positive integer; {REBUILD}.")
+    index_type, params = config["index_type"], config["index_params"]
+    if index_type not in INDEX_TYPES:
+        raise CorruptFileError(file, f"Unknown index_type {index_type!r}, expected one of "
+                                     f"{', '.join(INDEX_TYPES)}; {REBUILD}.")
+    if sorted(params) != sorted(INDEX_PARAMS[index_type]):
+        raise CorruptFileError(file, f"index_params has keys {sorted(params)}, index_type={index_type!r} takes "
+                                     f"{sorted(INDEX_PARAMS[index_type])}; {REBUILD}.")
+    bad = {key: value for key, value in params.items() if not _is_int(value) or value < 1}
+    if bad:
+        raise CorruptFileError(file, f"index_params {bad} are not positive integers; {REBUILD}.")
+    id_check = {"int": _is_int, "str": lambda value: isinstance(value, str)}.get(config["id_type"])
+    if id_check is None:
+        raise CorruptFileError(file, f"id_type is {config['id_type']!r}, expected 'int' or 'str'; {REBUILD}.")
+    if len(config["ids"]) != config["count"]:
+        raise CorruptFileError(file, f"Holds {len(config['ids'])} ids for count={config['count']} vectors, "
+                                     f"expected one id per vector; {REBUILD}.")
+    wrong = [value for value in config["ids"] if not id_check(value)]
+    if wrong:
+        raise CorruptFileError(file, f"Holds the id {wrong[0]!r:.60} but id_type is {config['id_type']!r}; "
+                                     f"{REBUILD}.")
+    return config
+
+
+def _read_tensors(file: Path, config: dict) -> dict[str, torch.Tensor]:
+    """Load ``vectors.safetensors`` and check its tensors against ``store.json``: names, shapes, dtypes, sha256."""
+    try:
+        tensors = load_file(str(file))
+    except (SafetensorError, ValueError, TypeError, KeyError, RuntimeError) as error:
+        raise CorruptFileError(file, f"Not a readable safetensors file ({error}); {REBUILD}.") from error
+    index_type = config["index_type"]
+    if index_type == "flat" and "faiss_index" in tensors:
+        raise CorruptFileError(file, f"Holds a saved FAISS index but {CONFIG_FILE} says index_type='flat', which "
+                                     f"keeps none; the two files disagree, {REBUILD}.")
+    expected = {"vectors"} | ({"faiss_index"} if index_type != "flat" else set())
+    if set(tensors) != expected:
+        raise CorruptFileError(file, f"Holds the tensors {sorted(tensors)}, index_type={index_type!r} needs "
+                                     f"{sorted(expected)}; {REBUILD}.")
+    vectors, shape = tensors["vectors"], (config["count"], config["dim"])
+    if vectors.dtype != torch.float32 or tuple(vectors.shape) != shape:
+        raise CorruptFileError(file, f"Holds {vectors.dtype} vectors of shape {tuple(vectors.shape)}, "
+                                     f"{CONFIG_FILE} says float32 {shape}; {REBUILD}.")
+    if "faiss_index" in tensors and (tensors["faiss_index"].dtype != torch.uint8 or tensors["faiss_index"].dim() != 1):
+        raise CorruptFileError(file, f"Holds a faiss_index tensor of {tensors['faiss_index'].dtype} and shape "
+                                     f"{tuple(tensors['faiss_index'].shape)}, expected 1-D uint8 bytes; {REBUILD}.")
+    if set(config["sha256"]) != expected:
+        raise CorruptFileError(file.with_name(CONFIG_FILE), f"Holds sha256 sums for {sorted(config['sha256'])}, "
+                                                            f"expected {sorted(expected)}; {REBUILD}.")
+    for name, tensor in tensors.items():
+        digest = _sha256(tensor)
+        if digest != config["sha256"][name]:
+            raise CorruptFileError(file, f"The {name!r} tensor has sha256 {digest[:16]}..., {CONFIG_FILE} records "
+                                         f"{str(config['sha256'][name])[:16]}...; the file was damaged or changed "
+                                         f"after saving, {REBUILD}.")
+    return tensors
+
+
+def _read_index(file: Path, tensors: dict[str, torch.Tensor], config: dict) -> faiss.Index | None:
+    """Deserialize the saved FAISS index and check it against ``store.json``: type, d, ntotal, metric, settings."""
+    index_type = config["index_type"]
+    if index_type == "flat":
+        return None
+    try:
+        loaded = faiss.deserialize_index(tensors["faiss_index"].numpy())
+    except RuntimeError as error:
+        raise CorruptFileError(file, f"The faiss_index tensor is not a FAISS index ({error}); {REBUILD}.") from error
+    index = faiss.downcast_index(loaded)
+    if index is not loaded:  # the concrete view owns the index from here on
+        index.thisown, loaded.thisown = loaded.thisown, False
+    expected_class = INDEX_CLASSES[index_type]
+    if type(index) is not expected_class:
+        raise CorruptFileError(file, f"The saved index is a {type(index).__name__}, {CONFIG_FILE} says "
+                                     f"index_type={index_type!r} ({expected_class.__name__}); {REBUILD}.")
+    params = config["index_params"]
+    checks = [("d", index.d, config["dim"]), ("ntotal", index.ntotal, config["count"]),
+              ("metric_type", index.metric_type, faiss.METRIC_INNER_PRODUCT)]
+    if index_type == "ivf":
+        checks += [("nlist", index.nlist, params["nlist"]), ("is_trained", index.is_trained, True)]
+    else:
+        checks += [("hnsw_m", index.hnsw.nb_neighbors(1), params["hnsw_m"]),
+                   ("ef_construction", index.hnsw.efConstruction, params["ef_construction"])]
+    for name, found, wanted in checks:
+        if found != wanted:
+            raise CorruptFileError(file, f"The saved {index_type} index has {name}={found}, {CONFIG_FILE} says "
+                                         f"{wanted}; the two files disagree, {REBUILD}.")
+    return index
 
 
 # evaluation ---------------------------------------------------------------------------------------------------

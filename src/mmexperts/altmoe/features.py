@@ -1,28 +1,41 @@
 """Feature caching for Alt-MoE: the frozen towers run once per example, the connector then trains on stored features.
 
 ``cache_features`` writes every example's token features (mean of each tower's last two hidden layers), their masks
-and image ids to one safetensors file, atomically; ``CachedFeatures`` reads it as a torch dataset whose batches feed
-``AltMoEModel.connect`` (directly, or through ``FeatureConnector``, a module that Accelerate/DDP can wrap).
+and image ids to one safetensors file, atomically, with the sha256 of each tensor in its metadata; ``CachedFeatures``
+checks and reads it as a torch dataset whose batches feed ``AltMoEModel.connect`` (directly, or through
+``FeatureConnector``, a module that Accelerate/DDP can wrap).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_directory
+from ..errors import CorruptFileError
 from .model import AltMoEModel, AltMoEOutput
 
 FEATURES_FILE = "features.safetensors"
 FEATURE_KEYS = ("image_tokens", "image_mask", "text_tokens", "text_mask")
+# dtype and number of dimensions of each cached tensor, as cache_features writes them
+FEATURE_LAYOUT = {"image_tokens": (torch.float32, 3), "image_mask": (torch.int64, 2), "text_tokens": (torch.float32, 3),
+                  "text_mask": (torch.int64, 2), "image_ids": (torch.int64, 1)}
+RECREATE = "recreate the cache with cache_features(model, loader, path)"
+
+
+def _sha256(tensor: torch.Tensor) -> str:
+    """Hex sha256 of a tensor's raw bytes."""
+    return hashlib.sha256(tensor.contiguous().numpy().reshape(-1).view("uint8")).hexdigest()
 
 
 def _tuner(model: nn.Module) -> AltMoEModel:
@@ -62,11 +75,13 @@ def cache_features(model: nn.Module, batches, path: str | os.PathLike, progress:
     }
     if parts["image_ids"]:
         tensors["image_ids"] = torch.cat(parts["image_ids"]).long()
+    tensors = {key: value.contiguous() for key, value in tensors.items()}
     metadata = {"vision_hidden_size": str(tensors["image_tokens"].shape[-1]),
                 "text_hidden_size": str(tensors["text_tokens"].shape[-1]),
-                "base_model": str(getattr(tuner.model, "name_or_path", ""))}
+                "base_model": str(getattr(tuner.model, "name_or_path", "")),
+                "sha256": json.dumps({key: _sha256(value) for key, value in tensors.items()})}
     with atomic_directory(path) as staging:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(staging / FEATURES_FILE), metadata=metadata)
+        save_file(tensors, str(staging / FEATURES_FILE), metadata=metadata)
     return Path(path)
 
 
@@ -77,12 +92,13 @@ class CachedFeatures(Dataset):
         file = Path(path) / FEATURES_FILE
         if not file.is_file():
             raise FileNotFoundError(f"{file} does not exist; create it with cache_features(model, loader, {path!r}).")
-        self.tensors = load_file(str(file))
-        with safe_open(str(file), "pt") as handle:
-            self.metadata = handle.metadata() or {}
-        missing = [key for key in FEATURE_KEYS if key not in self.tensors]
-        if missing:
-            raise ValueError(f"{file} lacks {missing}; it was not written by cache_features.")
+        try:
+            self.tensors = load_file(str(file))
+            with safe_open(str(file), "pt") as handle:
+                self.metadata = handle.metadata() or {}
+        except (SafetensorError, ValueError, TypeError, KeyError, RuntimeError) as error:
+            raise CorruptFileError(file, f"Not a readable safetensors file ({error}); {RECREATE}.") from error
+        _check_cache(file, self.tensors, self.metadata)
 
     @property
     def vision_hidden_size(self) -> int:
@@ -105,6 +121,48 @@ class CachedFeatures(Dataset):
         length = max(int(batch["text_mask"].sum(1).max()), 1)
         batch["text_tokens"], batch["text_mask"] = batch["text_tokens"][:, :length], batch["text_mask"][:, :length]
         return batch
+
+
+def _check_cache(file: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Refuse a cache whose tensors are missing, misshapen or differ from the sha256 sums in its metadata."""
+    missing = [key for key in FEATURE_KEYS if key not in tensors]
+    unknown = sorted(set(tensors) - set(FEATURE_LAYOUT))
+    if missing or unknown:
+        raise CorruptFileError(file, f"Missing the tensors {missing}, unexpected {unknown}; expected "
+                                     f"{list(FEATURE_KEYS)} (+ image_ids), {RECREATE}.")
+    for key, tensor in tensors.items():
+        dtype, dims = FEATURE_LAYOUT[key]
+        if tensor.dtype != dtype or tensor.dim() != dims:
+            raise CorruptFileError(file, f"Tensor {key!r} is {tensor.dtype} of shape {tuple(tensor.shape)}, "
+                                         f"expected {dtype} with {dims} dimensions; {RECREATE}.")
+    count = len(tensors["image_tokens"])
+    shapes = {key: tuple(tensor.shape) for key, tensor in tensors.items()}
+    if count == 0 or any(shape[0] != count for shape in shapes.values()):
+        raise CorruptFileError(file, f"Tensors hold different or zero example counts {shapes}, expected the same "
+                                     f"count >= 1 in each; {RECREATE}.")
+    for tokens, mask in (("image_tokens", "image_mask"), ("text_tokens", "text_mask")):
+        if shapes[mask] != shapes[tokens][:2]:
+            raise CorruptFileError(file, f"Tensor {mask!r} has shape {shapes[mask]}, expected {shapes[tokens][:2]} "
+                                         f"to match {tokens!r}; {RECREATE}.")
+    for key, tokens in (("vision_hidden_size", "image_tokens"), ("text_hidden_size", "text_tokens")):
+        if key in metadata and metadata[key] != str(shapes[tokens][-1]):
+            raise CorruptFileError(file, f"Metadata {key}={metadata[key]!r} but {tokens!r} is {shapes[tokens][-1]}-d; "
+                                         f"{RECREATE}.")
+    if "sha256" not in metadata:  # caches written before checksums were recorded
+        return
+    try:
+        sums = json.loads(metadata["sha256"])
+    except json.JSONDecodeError as error:
+        raise CorruptFileError(file, f"Metadata sha256 is not valid JSON ({error}); {RECREATE}.") from error
+    if not isinstance(sums, dict) or set(sums) != set(tensors):
+        raise CorruptFileError(file, f"Metadata sha256 covers {sorted(sums) if isinstance(sums, dict) else sums!r}, "
+                                     f"expected the tensors {sorted(tensors)}; {RECREATE}.")
+    for key, tensor in tensors.items():
+        digest = _sha256(tensor)
+        if digest != sums[key]:
+            raise CorruptFileError(file, f"Tensor {key!r} has sha256 {digest[:16]}..., the metadata records "
+                                         f"{str(sums[key])[:16]}...; the file was damaged or changed after saving, "
+                                         f"{RECREATE}.")
 
 
 class FeatureConnector(nn.Module):

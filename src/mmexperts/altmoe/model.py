@@ -199,6 +199,7 @@ class AltMoEModel(TwoTowerTuner):
     def token_features(self, **inputs) -> TokenFeatures:
         """Run the two frozen towers alone on a batch (``pixel_values``, ``input_ids``, ``attention_mask``...) and
         return their token features: what the connector reads, and what a feature cache stores."""
+        self._check_pairs(inputs)
         captured = {}
         for modality in MODALITIES:
             tower = self.towers[modality]
@@ -208,6 +209,20 @@ class AltMoEModel(TwoTowerTuner):
             with tap_last_block(tower, lambda value, m=modality: captured.__setitem__(m, value)):
                 tower.module(**tower_inputs)
         return self._features(captured, inputs)
+
+    def _check_pairs(self, inputs: dict) -> None:
+        """Refuse image and text batches of different sizes before the towers run (the loss needs one pair per row)."""
+        sizes = {}
+        for modality in MODALITIES:
+            for name, value in self.towers[modality].select_inputs(inputs).items():
+                if isinstance(value, torch.Tensor) and value.dim() > 0:
+                    sizes[modality] = (name, value.shape[0])
+                    break
+        if len(sizes) == len(MODALITIES) and sizes["vision"][1] != sizes["text"][1]:
+            (image_name, images), (text_name, texts) = sizes["vision"], sizes["text"]
+            raise ValueError(f"{image_name} has batch size {images} but {text_name} has {texts}; Alt-MoE pairs row i "
+                             "of the images with row i of the texts: pass one caption per image (or repeat each image "
+                             "once per caption).")
 
     def _features(self, captured: dict, inputs: dict) -> TokenFeatures:
         image, text = captured["vision"], captured["text"]
@@ -224,6 +239,7 @@ class AltMoEModel(TwoTowerTuner):
             yield
             return
         inputs = gather_inputs(self.model, args, kwargs)
+        self._check_pairs(inputs)
         captured = {}
         with tap_last_block(self.towers["vision"], lambda value: captured.__setitem__("vision", value)), \
                 tap_last_block(self.towers["text"], lambda value: captured.__setitem__("text", value)):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -399,9 +398,6 @@ def pretrained_backbones(cache_dir: str | os.PathLike | None = None, seed: int =
     with _exclusive(root / f".{folder.name}.lock"):
         if not force and _is_complete(folder):  # another process built it while this one waited for the lock
             return _load(folder)
-        if fcntl is not None:  # under the lock, a staging folder left behind is from a build that died
-            for stale in root.glob(f".{folder.name}.partial-*"):
-                shutil.rmtree(stale, ignore_errors=True)
         start = time.perf_counter()
         with torch.random.fork_rng(devices=[]), _quiet_saving(not show_progress), \
                 atomic_directory(folder) as staging:

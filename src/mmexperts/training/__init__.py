@@ -1,8 +1,9 @@
 """The training loop shared by every method (Accelerate), its configuration and helpers."""
 
 from .config import TrainConfig, parse_config
-from .loop import Trainer, TrainingState, check_process_group, compute_metrics, list_checkpoints, train
+from .checkpoint import TrainingState, latest_checkpoint, list_checkpoints, verify_checkpoint
+from .loop import Trainer, check_process_group, compute_metrics, train
 from .methods import METHODS, method_config
 
 __all__ = ["METHODS", "TrainConfig", "Trainer", "TrainingState", "check_process_group", "compute_metrics",
-           "list_checkpoints", "method_config", "parse_config", "train"]
+           "latest_checkpoint", "list_checkpoints", "verify_checkpoint", "method_config", "parse_config", "train"]

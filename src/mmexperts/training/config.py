@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +13,7 @@ import yaml
 from transformers import HfArgumentParser
 
 from ..data.loading import load_task
+from ..errors import ConfigError
 from .methods import METHODS
 
 MAPPING_FIELDS = ("method_config", "dataset_config")  # YAML mappings of keyword arguments
@@ -67,7 +69,13 @@ class TrainConfig:
     save_steps: int = field(default=200, metadata={"help": "Write a resumable checkpoint every N steps."})
     save_total_limit: int = field(default=2, metadata={"help": "Checkpoints kept (oldest removed first)."})
     report_to: str = field(default="none", metadata={"help": "Accelerate trackers: 'none', 'all', 'tensorboard'..."})
-    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "A checkpoint folder, or 'latest'."})
+    resume_from_checkpoint: str | None = field(default=None, metadata={
+        "help": "A checkpoint folder, or 'latest' (the newest complete checkpoint under output_dir/checkpoints)."})
+    strict_resume: bool = field(default=False, metadata={
+        "help": "Refuse to resume when a checkpoint's random states are missing or damaged (by default a warning: "
+                "the run continues but no longer repeats an uninterrupted one exactly)."})
+    max_nonfinite_in_a_row: int = field(default=10, metadata={
+        "help": "Steps with a non-finite loss or gradient are skipped and counted; stop after this many in a row."})
     unimodal_baselines: bool = field(default=True, metadata={"help": "Also score frozen single-modality probes."})
     push_to_hub: bool = field(default=False, metadata={"help": "Upload the final adapter and its card."})
     hub_model_id: str | None = field(default=None, metadata={"help": "Repo id for --push_to_hub."})
@@ -75,10 +83,15 @@ class TrainConfig:
 
     def __post_init__(self):
         positive = ("train_size", "eval_size", "batch_size", "eval_batch_size", "gradient_accumulation_steps",
-                    "logging_steps", "eval_steps", "save_steps", "max_length")
+                    "logging_steps", "eval_steps", "save_steps", "max_length", "save_total_limit",
+                    "max_nonfinite_in_a_row")
         for name in positive:
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+                raise ConfigError(name, f"{name} must be >= 1, got {getattr(self, name)}.")
+        for name in ("learning_rate", "weight_decay", "max_grad_norm"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ConfigError(name, f"{name} must be a finite number >= 0, got {value!r}.")
         if self.max_steps < 0 or self.num_epochs < 1 and self.max_steps == 0:
             raise ValueError(f"Set max_steps > 0 or num_epochs >= 1 (got max_steps={self.max_steps}, "
                              f"num_epochs={self.num_epochs}).")

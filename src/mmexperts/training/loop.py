@@ -6,21 +6,20 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import peft
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, broadcast_object_list, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoImageProcessor, AutoTokenizer, VisionTextDualEncoderModel, get_scheduler
 
-from ..atomic import atomic_directory
+from ..atomic import atomic_directory, commit_directory, recover_directory, staging_path, write_file_atomic
+from ..errors import CheckpointError, NonFiniteLossError
 from ..data.collate import MultimodalCollator
 from ..data.loading import load_task
 from ..hub import push_adapter_to_hub, write_model_card
@@ -29,28 +28,14 @@ from ..modeling import VisionTextModelForClassification
 from ..plots import plot_routing
 from ..retrieval import VectorStore, retrieval_recall
 from .alternating import DirectionSchedule, schedule_step
+from .checkpoint import (STATE_FILE, TrainingState, check_adapter_keys, latest_checkpoint, list_checkpoints,
+                         verify_checkpoint, write_manifest)
 from .config import SYNTHETIC_BACKBONES, TrainConfig
 from .methods import RETRIEVAL_METHODS, default_classifier_input, method_config
 from .probes import fit_linear_probe, pooled_features
 
 logger = logging.getLogger(__name__)
-CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
 LAUNCHER_WORLD_SIZES = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE")
-
-
-@dataclass
-class TrainingState:
-    """Progress saved with every checkpoint: optimizer steps taken and the best evaluation so far."""
-
-    step: int = 0
-    best_metric: float | None = None
-    best_step: int = -1
-
-    def state_dict(self) -> dict:
-        return asdict(self)
-
-    def load_state_dict(self, state: dict) -> None:
-        self.__dict__.update(state)
 
 
 def check_process_group(accelerator: Accelerator) -> None:
@@ -64,15 +49,6 @@ def check_process_group(accelerator: Accelerator) -> None:
                 "On CPUs use `accelerate launch --cpu --num_processes N --mpirun_hostfile <file>` (OpenMPI) or "
                 "`torchrun --nproc_per_node N`; on GPUs `accelerate launch --multi_gpu`."
             )
-
-
-def list_checkpoints(folder: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints under ``folder``, oldest first."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name)) and p.is_dir()]
-    return [path for _, path in sorted(found)]
 
 
 def compute_metrics(logits: np.ndarray, labels: np.ndarray, multi_label: bool) -> dict[str, float]:
@@ -100,6 +76,7 @@ class Trainer:
         check_process_group(self.accelerator)
         set_seed(config.seed)
         self.state = TrainingState()
+        self.nonfinite_in_a_row = 0
 
     # ---- setup -------------------------------------------------------------------------------------------------
     def _backbones(self) -> tuple[str, str]:
@@ -119,6 +96,11 @@ class Trainer:
     def setup(self) -> None:
         """Load data, backbones and adapter; build loaders, optimizer and scheduler; resume if asked."""
         config, accelerator = self.config, self.accelerator
+        if accelerator.is_main_process:  # finish or undo writes a killed run left half done
+            for folder in (self.output_dir, self.output_dir / "checkpoints"):
+                for action in recover_directory(folder):
+                    accelerator.print(f"{folder}: {action}")
+        self.writer_pid = broadcast_object_list([os.getpid()])[0]  # names the checkpoint staging folders
         vision_path, text_path = self._backbones()
         with accelerator.main_process_first():
             self.task = load_task(config.dataset, data_dir=config.data_dir, train_size=config.train_size,
@@ -166,7 +148,6 @@ class Trainer:
         self.model, self.optimizer, self.train_loader, self.eval_loader, self.scheduler = accelerator.prepare(
             self.model, optimizer, self.train_loader, self.eval_loader, scheduler)
         self.schedule = DirectionSchedule.for_model(self.model)  # None unless the adapter has directions
-        accelerator.register_for_checkpointing(self.state)
         accelerator.register_save_state_pre_hook(self._keep_adapter_weights_only)
         if config.report_to != "none":
             accelerator.init_trackers("mmexperts", {k: v for k, v in vars(config).items()
@@ -174,26 +155,43 @@ class Trainer:
         if config.resume_from_checkpoint:
             self._resume(config.resume_from_checkpoint)
 
+    def _adapter_keys(self, model, state: dict) -> set[str]:
+        """Keys of ``state`` that checkpoints hold: the adapter and head, not the frozen backbones."""
+        trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+        prefix = self.accelerator.unwrap_model(model).base_model.prefix
+        return {key for key in state if key in trainable or prefix in key or "modules_to_save" in key}
+
     def _keep_adapter_weights_only(self, models, weights, output_dir) -> None:
-        """Checkpoints hold the adapter and head, not the frozen backbones."""
         for model, state in zip(models, weights):
-            keep = {name for name, param in model.named_parameters() if param.requires_grad}
-            prefix = self.accelerator.unwrap_model(model).base_model.prefix
-            for key in list(state):
-                if key not in keep and prefix not in key and "modules_to_save" not in key:
-                    del state[key]
+            for key in set(state) - self._adapter_keys(model, state):
+                del state[key]
 
     def _resume(self, checkpoint: str) -> None:
+        """Load a verified checkpoint: adapter keys must match exactly; missing RNG states lose exactness (a warning,
+        or an error with ``strict_resume``)."""
+        accelerator = self.accelerator
         if checkpoint == "latest":
-            found = list_checkpoints(self.output_dir / "checkpoints")
-            if not found:
-                raise FileNotFoundError(f"--resume_from_checkpoint latest: no checkpoint under "
-                                        f"{self.output_dir / 'checkpoints'}.")
-            checkpoint = str(found[-1])
-        if not Path(checkpoint).is_dir():
-            raise FileNotFoundError(f"--resume_from_checkpoint {checkpoint}: no such checkpoint folder.")
-        self.accelerator.load_state(checkpoint, strict=False)
-        self.accelerator.print(f"Resumed from {checkpoint} at step {self.state.step}.")
+            path, skipped = latest_checkpoint(self.output_dir / "checkpoints")
+            for reason in skipped:
+                accelerator.print(f"Skipped checkpoint {reason}")
+        else:
+            path = Path(checkpoint)
+        rng_problems = verify_checkpoint(path)
+        rng_file = path / f"random_states_{accelerator.process_index}.pkl"
+        if not rng_file.is_file() and not rng_problems:
+            rng_problems = [f"{rng_file.name} is missing (the checkpoint was written by fewer processes)"]
+        if rng_problems:
+            message = (f"Checkpoint {path}: {'; '.join(rng_problems)}, so the random state cannot be restored and this "
+                       "resumed run will not exactly repeat an uninterrupted one.")
+            if self.config.strict_resume:
+                raise CheckpointError(f"{message} Resume from another checkpoint, or drop --strict_resume.")
+            logger.warning(message)
+            accelerator.print(f"WARNING: {message}")
+        check_adapter_keys(path, self._adapter_keys(self.model, self.model.state_dict()))
+        state = TrainingState.from_file(path / STATE_FILE)
+        accelerator.load_state(str(path), strict=False)  # frozen backbone weights are not in checkpoints
+        self.state = state
+        accelerator.print(f"Resumed from {path} at step {self.state.step}.")
 
     # ---- training ----------------------------------------------------------------------------------------------
     def train(self) -> dict:
@@ -209,7 +207,7 @@ class Trainer:
         progress = tqdm(total=self.max_steps, initial=self.state.step, desc="training",
                         disable=not accelerator.is_local_main_process)
         self.model.train()
-        running, seen = 0.0, 0
+        running, seen, finite = 0.0, 0, True
         while self.state.step < self.max_steps:
             done_micro = self.state.step * per_step
             epoch, skip = divmod(done_micro, micro_per_epoch)
@@ -218,25 +216,57 @@ class Trainer:
             for batch in loader:
                 with accelerator.accumulate(self.model), schedule_step(self.schedule, self.model, self.state.step):
                     loss = self.model(**self.model_inputs(batch)).loss
+                    finite = finite and bool(torch.isfinite(loss.detach()).all())
                     accelerator.backward(loss)
-                    if self.schedule is not None and accelerator.sync_gradients:
-                        self.schedule.release_inactive(self.model, self.state.step)
-                    if accelerator.sync_gradients and config.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
+                    if accelerator.sync_gradients:
+                        if self.schedule is not None:
+                            self.schedule.release_inactive(self.model, self.state.step)
+                        finite = self._step_is_finite(finite)
+                        if not finite:  # skip the update; the step and the schedule still advance
+                            self.optimizer.zero_grad()
                     self.optimizer.step()
                     self.scheduler.step()
                     self.optimizer.zero_grad()
-                running, seen = running + loss.detach().float().item(), seen + 1
+                if finite:
+                    running, seen = running + loss.detach().float().item(), seen + 1
                 if not accelerator.sync_gradients:
                     continue
                 self.state.step += 1
                 progress.update(1)
-                self.on_step_end(running / seen)
-                running, seen = 0.0, 0
+                self._count_nonfinite(finite)
+                self.on_step_end(running / seen if seen else float("nan"))
+                running, seen, finite = 0.0, 0, True
                 if self.state.step >= self.max_steps:
                     break
         progress.close()
         return self.finish()
+
+    def _step_is_finite(self, loss_finite: bool) -> bool:
+        """Whether every process's loss and the synchronised gradients are finite (clipping, if set, happens here)."""
+        parameters = [p for p in self.model.parameters() if p.requires_grad]
+        if self.config.max_grad_norm > 0:
+            norm = self.accelerator.clip_grad_norm_(parameters, self.config.max_grad_norm)
+        else:
+            norms = [p.grad.detach().float().norm() for p in parameters if p.grad is not None]
+            norm = torch.stack(norms).norm() if norms else None
+        grads_finite = norm is None or bool(torch.isfinite(torch.as_tensor(norm)))  # None: no grads, or DeepSpeed
+        flags = torch.tensor([float(loss_finite), float(grads_finite)], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(flags, reduction="sum").eq(self.accelerator.num_processes).all())
+
+    def _count_nonfinite(self, finite: bool) -> None:
+        """Count skipped steps; stop after ``max_nonfinite_in_a_row`` of them in a row."""
+        if finite:
+            self.nonfinite_in_a_row = 0
+            return
+        self.state.nonfinite_steps += 1
+        self.nonfinite_in_a_row += 1
+        self.accelerator.print(f"step {self.state.step}: non-finite loss or gradient, update skipped "
+                               f"({self.nonfinite_in_a_row} in a row, {self.state.nonfinite_steps} in all).")
+        if self.nonfinite_in_a_row >= self.config.max_nonfinite_in_a_row:
+            raise NonFiniteLossError(
+                f"{self.nonfinite_in_a_row} steps in a row had a non-finite loss or gradient (up to step "
+                f"{self.state.step}); training stopped. Check the inputs for NaN/inf, lower --learning_rate, or use "
+                "--mixed_precision bf16 instead of fp16; --max_nonfinite_in_a_row sets the limit.")
 
     def on_step_end(self, loss: float) -> None:
         """Logging, periodic evaluation and checkpoints after each optimizer step."""
@@ -249,20 +279,22 @@ class Trainer:
             self.save_checkpoint()
 
     def save_checkpoint(self) -> Path:
-        """``save_state`` into a staging folder, then an atomic rename; old checkpoints beyond the limit go."""
+        """``save_state`` and the progress JSON into a staging folder, the manifest last, then a durable swap; old
+        checkpoints beyond ``save_total_limit`` go."""
         accelerator = self.accelerator
         root = self.output_dir / "checkpoints"
         target = root / f"step_{self.state.step}"
-        staging = root / f".step_{self.state.step}.partial"
+        staging = staging_path(target, self.writer_pid)
         if accelerator.is_main_process:
             shutil.rmtree(staging, ignore_errors=True)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(staging))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            shutil.rmtree(target, ignore_errors=True)
-            os.replace(staging, target)
-            for old in list_checkpoints(root)[:-self.config.save_total_limit or None]:
+            write_file_atomic(staging / STATE_FILE, self.state.to_json())
+            write_manifest(staging, self.state.step)
+            commit_directory(staging, target)
+            for old in list_checkpoints(root)[:-self.config.save_total_limit]:
                 shutil.rmtree(old)
         accelerator.wait_for_everyone()
         return target
@@ -357,7 +389,8 @@ class Trainer:
             self.save_adapter(self.output_dir / "best")
         self.save_adapter(self.output_dir / "adapter")
         results = {"method": config.method, "dataset": config.dataset, "steps": self.state.step,
-                   "best_step": self.state.best_step, **{f"eval_{k}": v for k, v in metrics.items()}}
+                   "best_step": self.state.best_step, "nonfinite_steps": self.state.nonfinite_steps,
+                   **{f"eval_{k}": v for k, v in metrics.items()}}
         if config.unimodal_baselines and accelerator.is_main_process and not self.retrieval:
             for modality, score in self.unimodal_baselines().items():
                 results[f"{modality}_only_{self.main_metric}"] = score
@@ -371,7 +404,7 @@ class Trainer:
             card_metrics = {k: f"{v:.4f}" if isinstance(v, float) else v for k, v in results.items()}
             write_model_card(model, self.output_dir / "adapter", config.hub_model_id, dataset=config.dataset,
                              metrics=card_metrics, routing_plot="routing.png" if plot else None)
-            (self.output_dir / "metrics.json").write_text(json.dumps(results, indent=2))
+            write_file_atomic(self.output_dir / "metrics.json", json.dumps(results, indent=2))
             print(results_table(results))
             if config.push_to_hub:
                 push_adapter_to_hub(model, config.hub_model_id, dataset=config.dataset, metrics=card_metrics,
