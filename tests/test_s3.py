@@ -264,7 +264,7 @@ def test_recipe_trains_s3(backbones, tmp_path):  # noqa: F811
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    ({"top_k": 9}, "top_k must be between 1 and num_experts=8"),
+    ({"top_k": 9}, "top_k must be an integer between 1 and 8"),
     ({"num_experts": 0}, "num_experts must be a positive integer"),
     ({"dispatch": "fast"}, "dispatch must be one of"),
     ({"ssl_token_drop": 1.0}, r"ssl_token_drop must be in \[0, 1\)"),

@@ -3,15 +3,18 @@ config fields PEFT needs."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields
 
 from peft import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
+from .errors import ConfigError
 from .towers import Tower, find_towers
 
 MODALITIES = ("vision", "text")
+MAX_ADAPTER_PARAMETERS = 2**30  # 4 GiB in float32: far above any adapter of these methods on real backbones
 
 
 @dataclass
@@ -32,6 +35,50 @@ class TowerAdapterConfig(PeftConfig):
         super().__post_init__()
         if isinstance(self.target_modules, set):
             self.target_modules = sorted(self.target_modules)
+        for spec in fields(self):  # every number field holds a real, finite number of its declared kind
+            value, kind = getattr(self, spec.name), str(spec.type)
+            if value is None or kind.startswith("list") or kind.startswith("bool"):
+                continue
+            if kind.startswith("int") and (not isinstance(value, int) or isinstance(value, bool)):
+                raise ConfigError(spec.name, f"{spec.name} must be an integer, got {value!r}.")
+            if kind.startswith("float") and (not isinstance(value, (int, float)) or isinstance(value, bool)
+                                             or not math.isfinite(value)):
+                raise ConfigError(spec.name, f"{spec.name} must be a finite number, got {value!r}.")
+        for name in ("vision_hidden_size", "text_hidden_size"):
+            self.check_int(name, 1, optional=True)
+
+    def check_int(self, name: str, minimum: int, maximum: int | None = None, optional: bool = False) -> None:
+        """Refuse a field that is not an integer in ``[minimum, maximum]`` (or None when ``optional``)."""
+        value = getattr(self, name)
+        if optional and value is None:
+            return
+        if isinstance(value, int) and not isinstance(value, bool) and value >= minimum and (
+                maximum is None or value <= maximum):
+            return
+        if maximum is not None:
+            expected = f"an integer between {minimum} and {maximum}"
+        else:
+            expected = {0: "a non-negative integer", 1: "a positive integer"}.get(minimum, f"an integer >= {minimum}")
+        raise ConfigError(name, f"{name} must be {expected}{' or None' if optional else ''}, got {value!r}.")
+
+    def check_float(self, name: str, low: float, high: float | None = None, *, low_open: bool = False,
+                    high_open: bool = False) -> None:
+        """Refuse a field outside ``low`` .. ``high`` (open ends where asked); NaN and inf never pass."""
+        value = getattr(self, name)
+        inside = (value > low if low_open else value >= low) and (
+            high is None or (value < high if high_open else value <= high))
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and inside:
+            return
+        if high is None:
+            expected = f"a finite number {'>' if low_open else '>='} {low:g}"
+        else:
+            expected = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ConfigError(name, f"{name} must be {expected}, got {value!r}.")
+
+    def check_choice(self, name: str, choices: tuple[str, ...]) -> None:
+        """Refuse a field that is not one of ``choices``."""
+        if getattr(self, name) not in choices:
+            raise ConfigError(name, f"{name} must be one of {choices}, got {getattr(self, name)!r}.")
 
 
 class TwoTowerTuner(BaseTuner):
@@ -81,6 +128,19 @@ class TwoTowerTuner(BaseTuner):
                     "trained with."
                 )
             setattr(peft_config, f"{modality}_hidden_size", actual)
+        count = self.estimated_parameters(peft_config)
+        if count > MAX_ADAPTER_PARAMETERS:
+            raise ConfigError(
+                self.size_fields[0], f"This {self.method_name} config would create about {count:,} adapter parameters "
+                f"({count * 4 / 2**30:.1f} GiB in float32), above the limit of {MAX_ADAPTER_PARAMETERS:,}; lower "
+                f"{', '.join(self.size_fields)}."
+            )
+
+    size_fields: tuple[str, ...] = ("num_experts",)
+
+    def estimated_parameters(self, peft_config) -> int:
+        """About how many parameters the adapter adds to this model (checked before anything is allocated)."""
+        raise NotImplementedError
 
 
 class UnmergeableLayer:

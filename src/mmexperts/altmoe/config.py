@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 
 from ..moe import DISPATCH_MODES
+from ..errors import ConfigError
 from ..registry import MMExpertsPeftType
 from ..tuners import TowerAdapterConfig
 
@@ -53,27 +54,18 @@ class AltMoEConfig(TowerAdapterConfig):
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = MMExpertsPeftType.ALTMOE
-        for name in ("num_experts", "top_k", "hidden_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-        if self.expert_hidden_size is not None and self.expert_hidden_size < 1:
-            raise ValueError(f"expert_hidden_size must be a positive integer or None, got {self.expert_hidden_size!r}.")
-        if self.top_k > self.num_experts:
-            raise ValueError(f"top_k={self.top_k} exceeds num_experts={self.num_experts}; each token can be routed to "
-                             f"at most num_experts experts: lower top_k or raise num_experts.")
-        if self.dispatch not in DISPATCH_MODES:
-            raise ValueError(f"dispatch must be one of {DISPATCH_MODES}, got {self.dispatch!r}.")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}.")
-        if self.regression_loss not in REGRESSION_LOSSES:
-            raise ValueError(f"regression_loss must be one of {REGRESSION_LOSSES}, got {self.regression_loss!r}.")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}.")
-        if not 0 <= self.alpha <= 1:
-            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}.")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}.")
-        if self.router_noise_std < 0 or self.load_balance_loss_weight < 0:
-            raise ValueError("router_noise_std and load_balance_loss_weight must be >= 0, got "
-                             f"{self.router_noise_std} and {self.load_balance_loss_weight}.")
+        for name in ("num_experts", "hidden_size"):
+            self.check_int(name, 1)
+        self.check_int("expert_hidden_size", 1, optional=True)
+        if isinstance(self.top_k, int) and self.top_k > self.num_experts:
+            raise ConfigError("top_k", f"top_k={self.top_k} exceeds num_experts={self.num_experts}; each token can be "
+                              "routed to at most num_experts experts: lower top_k or raise num_experts.")
+        self.check_int("top_k", 1)
+        self.check_choice("dispatch", DISPATCH_MODES)
+        self.check_choice("schedule", SCHEDULES)
+        self.check_choice("regression_loss", REGRESSION_LOSSES)
+        self.check_float("temperature", 0, low_open=True)
+        self.check_float("alpha", 0, 1)
+        self.check_float("dropout", 0, 1, high_open=True)
+        for name in ("router_noise_std", "load_balance_loss_weight"):
+            self.check_float(name, 0)

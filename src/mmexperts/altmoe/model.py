@@ -114,6 +114,15 @@ class AltMoEModel(TwoTowerTuner):
             peft_config.target_modules = [towers["text"].block_names[-1]]
         return peft_config
 
+    size_fields = ("num_experts", "hidden_size", "expert_hidden_size")
+
+    def estimated_parameters(self, peft_config: AltMoEConfig) -> int:
+        c = peft_config
+        width, inner = c.hidden_size, c.expert_hidden_size or c.hidden_size
+        towers = sum(self.towers[m].hidden_size for m in MODALITIES)
+        experts = c.num_experts * ((width + 1) * inner + (inner + 1) * width)
+        return 3 * towers * (width + 1) + experts + (width + 1) * c.num_experts + 2 * width * (width + 4)
+
     def _create_and_replace(self, peft_config: AltMoEConfig, adapter_name: str, target: nn.Module, target_name: str,
                             parent: nn.Module, current_key: str, parameter_name: str | None = None) -> None:
         if isinstance(target, AltMoELayer):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+from ..errors import ConfigError
 from ..registry import MMExpertsPeftType
 from ..tuners import TowerAdapterConfig
 
@@ -52,30 +53,22 @@ class MoPEConfig(TowerAdapterConfig):
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = MMExpertsPeftType.MOPE
-        if self.prompt_mode not in PROMPT_MODES:
-            raise ValueError(f"prompt_mode must be one of {PROMPT_MODES}, got {self.prompt_mode!r}.")
-        if self.prompted_tower not in TOWERS:
-            raise ValueError(f"prompted_tower must be one of {TOWERS}, got {self.prompted_tower!r}.")
-        if not isinstance(self.prompt_length, int) or isinstance(self.prompt_length, bool) or self.prompt_length < 1:
-            raise ValueError(f"prompt_length must be a positive integer, got {self.prompt_length!r}.")
+        self.check_choice("prompt_mode", PROMPT_MODES)
+        self.check_choice("prompted_tower", TOWERS)
+        self.check_int("prompt_length", 1)
         for name in ("num_experts", "static_prompt_length", "mapped_prompt_length", "complementary_prompt_length",
                      "router_self_dim", "router_cross_dim", "mapper_hidden_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"{name} must be a non-negative integer, got {value!r}.")
+            self.check_int(name, 0)
         if self.num_experts == 0 and not (self.static_prompt_length or self.mapped_prompt_length):
-            raise ValueError("With num_experts=0 the routed blocks need static_prompt_length or mapped_prompt_length "
-                             "> 0; otherwise they would get no prompt at all.")
+            raise ConfigError("num_experts", "With num_experts=0 the routed blocks need static_prompt_length or "
+                              "mapped_prompt_length > 0; otherwise they would get no prompt at all.")
         if self.num_experts and self.router_self_dim + self.router_cross_dim < 1:
-            raise ValueError("router_self_dim + router_cross_dim must be at least 1; the router needs a query.")
-        if self.router_temperature <= 0:
-            raise ValueError(f"router_temperature must be > 0, got {self.router_temperature}.")
-        if self.router_noise_std < 0:
-            raise ValueError(f"router_noise_std must be >= 0, got {self.router_noise_std}.")
-        if not 0 <= self.prompt_dropout < 1:
-            raise ValueError(f"prompt_dropout must be in [0, 1), got {self.prompt_dropout}.")
-        if self.importance_loss_weight < 0:
-            raise ValueError(f"importance_loss_weight must be >= 0, got {self.importance_loss_weight}.")
+            raise ConfigError("router_self_dim", "router_self_dim + router_cross_dim must be at least 1; the router "
+                              "needs a query.")
+        self.check_float("router_temperature", 0, low_open=True)
+        for name in ("router_noise_std", "importance_loss_weight", "importance_threshold"):
+            self.check_float(name, 0)
+        self.check_float("prompt_dropout", 0, 1, high_open=True)
 
     @property
     def complementary_tower(self) -> str:

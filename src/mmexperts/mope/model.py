@@ -45,6 +45,20 @@ class MoPEModel(TwoTowerTuner):
             peft_config.modules_to_save = sorted(set(peft_config.modules_to_save or []) | set(heads))
         return peft_config
 
+    size_fields = ("num_experts", "prompt_length", "mapper_hidden_size")
+
+    def estimated_parameters(self, peft_config: MoPEConfig) -> int:
+        c = peft_config
+        prompted, complementary = (self.towers[c.prompted_tower].hidden_size,
+                                   self.towers[c.complementary_tower].hidden_size)
+        blocks = len(c.routed_layers) if c.routed_layers is not None else len(self.towers[c.prompted_tower].blocks)
+        router = c.num_experts and (prompted + 1) * c.router_self_dim + (complementary + 1) * c.router_cross_dim + (
+            c.router_self_dim + c.router_cross_dim + 1) * c.num_experts
+        per_block = (c.static_prompt_length + c.num_experts * c.prompt_length) * prompted + router
+        mapper = (complementary + 1) * c.mapper_hidden_size + (c.mapper_hidden_size + 1) * c.mapped_prompt_length * prompted
+        deep = len(self.towers[c.complementary_tower].blocks) * c.complementary_prompt_length * complementary
+        return blocks * per_block + mapper + deep
+
     def _create_and_replace(self, peft_config: MoPEConfig, adapter_name: str, target: nn.Module, target_name: str,
                             parent: nn.Module, current_key: str, parameter_name: str | None = None) -> None:
         towers = self.towers

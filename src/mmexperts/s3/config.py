@@ -76,31 +76,19 @@ class S3Config(TowerAdapterConfig):
         super().__post_init__()
         self.peft_type = MMExpertsPeftType.S3
         for name in _POSITIVE_INTS:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+            self.check_int(name, 1)
         for name in ("expert_hidden_dim", "expert_dim"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a positive integer or None, got {value!r}.")
-        if self.num_labels is not None and (not isinstance(self.num_labels, int) or self.num_labels < 0):
-            raise ValueError(f"num_labels must be an integer >= 0 or None, got {self.num_labels!r}.")
-        if self.top_k is not None and not (isinstance(self.top_k, int) and 1 <= self.top_k <= self.num_experts):
-            raise ValueError(f"top_k must be between 1 and num_experts={self.num_experts} (or None for soft gating), "
-                             f"got {self.top_k!r}; lower top_k or raise num_experts.")
+            self.check_int(name, 1, optional=True)
+        self.check_int("num_labels", 0, optional=True)
+        self.check_int("top_k", 1, self.num_experts, optional=True)
         for name in ("assignment_temperature", "router_temperature", "ssl_temperature"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}.")
+            self.check_float(name, 0, low_open=True)
         for name in _NON_NEGATIVE_FLOATS:
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}.")
+            self.check_float(name, 0)
         for name in ("dropout", "ssl_token_drop"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}.")
-        if self.head_input not in HEAD_INPUTS:
-            raise ValueError(f"head_input must be one of {HEAD_INPUTS}, got {self.head_input!r}.")
-        if self.dispatch not in DISPATCH_MODES:
-            raise ValueError(f"dispatch must be one of {DISPATCH_MODES}, got {self.dispatch!r}.")
+            self.check_float(name, 0, 1, high_open=True)
+        self.check_choice("head_input", HEAD_INPUTS)
+        self.check_choice("dispatch", DISPATCH_MODES)
 
     @property
     def hidden_dim(self) -> int:

@@ -58,6 +58,16 @@ class S3Model(TwoTowerTuner):
             peft_config.num_labels = int(self.model.config.num_labels) if has_head else 0
         return peft_config
 
+    size_fields = ("num_experts", "latent_dim", "expert_hidden_dim", "expert_dim", "num_tasks")
+
+    def estimated_parameters(self, peft_config: S3Config) -> int:
+        c = peft_config
+        d, k, e = c.latent_dim, c.num_experts, c.concept_dim
+        projections = sum((self.towers[m].hidden_size + 2) * d + 2 * self.towers[m].hidden_size for m in MODALITIES)
+        experts = k * ((d + 1) * c.hidden_dim + (c.hidden_dim + 1) * e)
+        heads = c.num_tasks * ((k * e if c.head_input == "concat" else e) + 1) * (c.num_labels or 0)
+        return projections + k * d + experts + c.num_tasks * c.task_embedding_dim + (d + c.task_embedding_dim) * k + heads
+
     def _create_and_replace(self, peft_config: S3Config, adapter_name: str, target: nn.Module, target_name: str,
                             parent: nn.Module, current_key: str, parameter_name: str | None = None) -> None:
         blocks = {self._token_block(m, peft_config): m for m in MODALITIES}
