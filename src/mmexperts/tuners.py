@@ -6,11 +6,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, fields
 
+from pathlib import Path
+
 from peft import PeftConfig
+from peft.utils import SAFETENSORS_WEIGHTS_NAME
+from safetensors import safe_open
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
-from .errors import ConfigError
+from .errors import ConfigError, CorruptFileError
 from .towers import Tower, find_towers
 
 MODALITIES = ("vision", "text")
@@ -46,6 +50,22 @@ class TowerAdapterConfig(PeftConfig):
                 raise ConfigError(spec.name, f"{spec.name} must be a finite number, got {value!r}.")
         for name in ("vision_hidden_size", "text_hidden_size"):
             self.check_int(name, 1, optional=True)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
+        """PEFT's loading, plus a check that a local adapter folder's weights file is readable, so a damaged file
+        is named before PEFT tries to load it."""
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        folder = Path(pretrained_model_name_or_path, subfolder or "")
+        weights = folder / SAFETENSORS_WEIGHTS_NAME
+        if weights.is_file():
+            try:
+                with safe_open(str(weights), "pt") as f:
+                    list(f.keys())
+            except Exception as error:  # safetensors reports damage with its own error types
+                raise CorruptFileError(weights, f"cannot be read as safetensors ({error}). The file is damaged or "
+                                       "incomplete: copy or download the adapter again, or re-save it.") from None
+        return config
 
     def check_int(self, name: str, minimum: int, maximum: int | None = None, optional: bool = False) -> None:
         """Refuse a field that is not an integer in ``[minimum, maximum]`` (or None when ``optional``)."""

@@ -25,6 +25,9 @@ MODEL_FILE = "model.safetensors"
 MANIFEST_VERSION = 1
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
 RNG_PATTERN = re.compile(r"^random_states_\d+\.pkl$")
+# what save_state and the recipe write; all read back as safetensors, JSON or weights_only=True loads
+KNOWN_FILES = re.compile(r"^(model(_\d+)?\.safetensors|(optimizer|scheduler|sampler|dl_state_dict)(_\d+)?\.bin|"
+                         r"random_states_\d+\.pkl|scaler\.pt|" + re.escape(STATE_FILE) + ")$")
 
 
 @dataclass
@@ -102,6 +105,10 @@ def verify_checkpoint(folder: str | os.PathLike) -> list[str]:
         raise CheckpointError(f"Checkpoint {folder} holds files its manifest does not list: {unexpected}; they were "
                               "added after it was written and are never read. Remove them or resume from another "
                               "checkpoint.")
+    foreign = sorted(name for name in files if not KNOWN_FILES.match(name))
+    if foreign:
+        raise CheckpointError(f"Checkpoint {folder} lists files the recipe never writes: {foreign}; they are never "
+                              "read (a pickle can run code). Remove them or resume from another checkpoint.")
     rng_problems, problems = [], []
     for name, record in files.items():
         path = folder / name
