@@ -1,4 +1,5 @@
-"""Damaged or tampered vector stores and feature caches fail with CorruptFileError naming the file; valid ones load."""
+"""Damaged or tampered adapters, vector stores and feature caches fail with CorruptFileError naming the file; valid
+ones load."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import make_batch, make_clip
-from mmexperts import AltMoEConfig, VectorStore
+from conftest import make_batch, make_classifier, make_clip
+from mmexperts import AltMoEConfig, MoPEConfig, S3Config, VectorStore
 from mmexperts.altmoe.features import FEATURES_FILE, CachedFeatures, cache_features
 from mmexperts.errors import CorruptFileError
 from mmexperts.retrieval import CONFIG_FILE, VECTORS_FILE, _sha256
@@ -275,3 +276,19 @@ def test_cache_checksum(cache, tmp_path):
     folder = copy_cache(cache, tmp_path)
     flip_in_file(folder / FEATURES_FILE, "image_tokens")
     corrupt(folder / FEATURES_FILE, r"Tensor 'image_tokens' has sha256 .* damaged or changed", load=CachedFeatures)
+
+
+@pytest.mark.parametrize("config", [MoPEConfig(init_weights=False), S3Config(init_weights=False)],
+                         ids=["mope", "s3"])
+def test_truncated_adapter_weights_are_named_when_loading(tmp_path, config):
+    model = peft.get_peft_model(make_classifier(), config)
+    model.save_pretrained(tmp_path)
+    weights = tmp_path / "adapter_model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:len(data) // 2])
+    with pytest.raises(CorruptFileError, match=rf"{weights}: cannot be read as safetensors.*copy or download"):
+        peft.PeftModel.from_pretrained(make_classifier(), tmp_path)
+    weights.write_bytes(data)
+    reloaded = peft.PeftModel.from_pretrained(make_classifier(), tmp_path).eval()
+    batch = make_batch()
+    torch.testing.assert_close(reloaded(**batch).logits, model.eval()(**batch).logits, rtol=0, atol=0)
