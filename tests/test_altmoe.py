@@ -9,7 +9,7 @@ from peft import PeftModel
 from torch import nn
 
 from conftest import HIDDEN, make_batch, make_clip, make_dual_encoder, make_siglip
-from mmexperts import AltMoEConfig, TowerDiscoveryError
+from mmexperts import AltMoEConfig, TowerDiscoveryError, push_adapter_to_hub
 from mmexperts.altmoe.features import CachedFeatures, FeatureConnector, cache_features
 
 FACTORIES = {"clip": make_clip, "dual_encoder": make_dual_encoder, "siglip": make_siglip}
@@ -34,7 +34,7 @@ def connector_params(model: nn.Module) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("kind", list(FACTORIES))
 def test_outputs_keep_the_base_class_with_aligned_embeddings(kind):
     model = make(kind)
-    base_out = model.get_base_model()(**inputs())
+    base_out = FACTORIES[kind]()(**inputs())
     with torch.no_grad():
         out = model(**inputs(), return_loss=True)
     assert type(out) is type(base_out)
@@ -56,7 +56,7 @@ def test_token_features_are_the_mean_of_the_last_two_hidden_layers():
     model = make("clip")
     batch = inputs()
     features = model.base_model.token_features(**batch)
-    base = model.get_base_model()
+    base = make_clip()  # the same weights as the adapted base
     vision = base.vision_model(pixel_values=batch["pixel_values"], output_hidden_states=True).hidden_states
     text = base.text_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                            output_hidden_states=True).hidden_states
@@ -92,7 +92,7 @@ def test_only_connector_parameters_train_and_disable_gives_the_base():
     model.eval()
     with torch.no_grad(), model.disable_adapter():
         disabled = model(**inputs())
-    expected = model.get_base_model()(**inputs())
+    expected = make_clip()(**inputs())
     torch.testing.assert_close(disabled.image_embeds, expected.image_embeds)
     assert "image_to_text" not in disabled
 
@@ -115,7 +115,7 @@ def test_save_load_and_hub_round_trip(tmp_path, fake_hub):
         expected = model(**inputs())
     model.save_pretrained(tmp_path / "adapter")
     loaded = PeftModel.from_pretrained(make_clip(), tmp_path / "adapter").eval()
-    model.push_to_hub("someone/altmoe-tiny")
+    push_adapter_to_hub(model, "someone/altmoe-tiny")
     hub = PeftModel.from_pretrained(make_clip(), "someone/altmoe-tiny").eval()
     for other in (loaded, hub):
         with torch.no_grad():
@@ -164,6 +164,15 @@ def test_training_on_cached_features_equals_running_the_towers(tmp_path):
     torch.testing.assert_close(results[1][0], results[0][0], atol=1e-6, rtol=1e-6)
     for name, value in results[0][1].items():
         torch.testing.assert_close(results[1][1][name], value, atol=1e-6, rtol=1e-6)
+
+
+def test_base_called_without_its_peft_model_refuses_clearly():
+    model = make("clip")
+    with pytest.raises(ValueError, match="Alt-MoE layer ran outside its PeftModel's forward call"):
+        model.get_base_model()(**inputs())
+    injected = peft.inject_adapter_in_model(AltMoEConfig(hidden_size=WIDTH, num_experts=4, top_k=2), make_clip())
+    with pytest.raises(ValueError, match="Call the model through its PeftModel"):
+        injected(**inputs())
 
 
 def test_bad_input_fails_clearly(tmp_path):

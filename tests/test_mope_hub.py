@@ -12,7 +12,7 @@ from peft import AutoPeftModel, PeftModel
 from safetensors.torch import load_file
 
 from conftest import make_batch, make_classifier
-from mmexperts import MoPEConfig, VisionTextModelForClassification
+from mmexperts import MoPEConfig, VisionTextModelForClassification, push_adapter_to_hub
 
 
 @pytest.fixture
@@ -40,7 +40,7 @@ def test_push_to_hub_sends_peft_card_and_loads_back_offline(trained, fake_hub):
     batch = make_batch()
     expected = model(**batch).logits
 
-    model.push_to_hub("someone/mope-tiny")
+    push_adapter_to_hub(model, "someone/mope-tiny")
 
     (upload,) = fake_hub.uploads
     assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= set(upload["files"])

@@ -16,7 +16,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file
 
 from mmexperts import (FeatureEncoderConfig, FeatureEncoderForClassification, MMExpertsPeftType, S3Config, S3Layer,
-                       S3Model, VisionTextModelForClassification)
+                       S3Model, VisionTextModelForClassification, push_adapter_to_hub)
 
 
 def make_features() -> FeatureEncoderForClassification:
@@ -228,8 +228,8 @@ def test_hooks_and_recorded_tokens_are_released_after_each_call():
     hooks = [(n, dict(m._forward_hooks), dict(m._forward_pre_hooks)) for n, m in model.named_modules()]
     run(model, "classifier")
     assert [(n, dict(m._forward_hooks), dict(m._forward_pre_hooks)) for n, m in model.named_modules()] == hooks
-    state = model.base_model.forward_state
-    assert state.tokens == {} and not state.recording
+    context = model.base_model.context
+    assert context.tokens == {} and context.inputs == {} and not context.running
 
 
 def test_task_ids_never_reach_the_base_model():
@@ -259,7 +259,7 @@ def test_push_to_hub_with_card_then_load_by_repo_id_offline(fake_hub, tmp_path):
     model = make_s3("classifier", base=VisionTextModelForClassification.from_pretrained(base_dir).eval())
     model.base_model.set_expert_mask(torch.tensor([True, False, True, True]))
     expected = run(model.eval(), "classifier")
-    model.push_to_hub("someone/s3-tiny")
+    push_adapter_to_hub(model, "someone/s3-tiny")
     (upload,) = fake_hub.uploads
     card = ModelCard(upload["files"]["README.md"].decode())
     assert card.data.library_name == "peft" and {"mmexperts", "s3"} <= set(card.data.tags)

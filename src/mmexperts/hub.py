@@ -2,13 +2,12 @@
 
 transformers' ``push_to_hub`` replaces the README that ``PeftModel.save_pretrained`` writes with a generic card
 (``library_name: transformers``). For mmexperts adapters, :func:`push_adapter_to_hub` saves with PEFT, renders the
-method's card (``library_name: peft``, an ``mmexperts`` tag) and uploads the folder; importing mmexperts routes
-``PeftModel.push_to_hub`` of mmexperts adapters through it, leaving other adapters untouched.
+method's card (``library_name: peft``, an ``mmexperts`` tag) and uploads the folder. ``model.push_to_hub`` stays PEFT's own (it
+uploads the adapter and its config under transformers' generic card); nothing in PEFT is patched.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import tempfile
 from pathlib import Path
@@ -16,16 +15,9 @@ from pathlib import Path
 from huggingface_hub import HfApi, ModelCard
 from peft import PeftModel
 
-from .registry import MMExpertsPeftType
 
 TEMPLATES = Path(__file__).parent / "model_cards"
 LIBRARY_TAG = "mmexperts"
-
-
-def mmexperts_configs(model: PeftModel) -> dict:
-    """The model's adapters of mmexperts types, by adapter name."""
-    return {name: config for name, config in getattr(model, "peft_config", {}).items()
-            if isinstance(config.peft_type, MMExpertsPeftType)}
 
 
 def write_model_card(model: PeftModel, folder: str | os.PathLike, repo_id: str | None = None,
@@ -79,21 +71,3 @@ def push_adapter_to_hub(model: PeftModel, repo_id: str, *, commit_message: str |
         write_model_card(model, folder, repo_id, adapter_name, dataset, metrics, routing_plot, tags)
         return api.upload_folder(repo_id=repo_id, folder_path=folder, token=token, revision=revision,
                                  create_pr=create_pr, commit_message=commit_message or "Upload mmexperts adapter")
-
-
-def _route_push_to_hub() -> None:
-    original = PeftModel.push_to_hub
-    if getattr(original, "_mmexperts", False):
-        return
-
-    @functools.wraps(original)
-    def push_to_hub(self, repo_id: str, *args, **kwargs):
-        if args or not mmexperts_configs(self):
-            return original(self, repo_id, *args, **kwargs)
-        return push_adapter_to_hub(self, repo_id, **kwargs)
-
-    push_to_hub._mmexperts = True
-    PeftModel.push_to_hub = push_to_hub
-
-
-_route_push_to_hub()

@@ -108,6 +108,13 @@ class VisionTextModelForClassification(PreTrainedModel):
                                                                          **kwargs)
         return cls(config, vision_model=vision_model, text_model=text_model)
 
+    @property
+    def towers(self) -> dict:
+        """The vision and text towers (how each takes its inputs and pools its summary), found once."""
+        if "_towers" not in self.__dict__:
+            self.__dict__["_towers"] = find_towers(self)
+        return self.__dict__["_towers"]
+
     def forward(self, pixel_values: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
@@ -115,7 +122,7 @@ class VisionTextModelForClassification(PreTrainedModel):
         if pixel_values is None or input_ids is None:
             missing = [n for n, v in (("pixel_values", pixel_values), ("input_ids", input_ids)) if v is None]
             raise ValueError(f"VisionTextModelForClassification needs both modalities; missing {missing}.")
-        towers = find_towers(self)
+        towers = self.towers
         text_inputs = towers["text"].select_inputs({"input_ids": input_ids, "attention_mask": attention_mask,
                                                     "token_type_ids": token_type_ids, "position_ids": position_ids})
         vision_embeds = towers["vision"].pool(self.vision_model(pixel_values=pixel_values))

@@ -192,3 +192,9 @@ def key_padding_mask(attention_mask: torch.Tensor | None, length: int, batch: in
         row = attention_mask[:, 0, -1, :]
         return row if row.dtype == torch.bool else row > torch.finfo(row.dtype).min / 2
     return attention_mask.bool()
+
+
+def masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of (batch, length, dim) ``tokens`` over the real ones (``mask`` (batch, length): 1 or True = real)."""
+    real = mask.to(tokens.dtype).unsqueeze(-1)
+    return (tokens * real).sum(1) / real.sum(1).clamp_min(1)

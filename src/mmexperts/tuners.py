@@ -1,19 +1,23 @@
-"""What every mmexperts tuner shares: the model's towers (found once), the tower widths its config records, and the
-config fields PEFT needs."""
+"""What every mmexperts tuner shares: config fields and checks, the model's towers (found once), the per-call context
+and output plumbing, checkpoint key mapping, and the unmergeable-layer behaviour."""
 
 from __future__ import annotations
 
 import math
+import re
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, fields
-
 from pathlib import Path
 
+import torch
 from peft import PeftConfig
+from peft.tuners.tuners_utils import BaseTuner
 from peft.utils import SAFETENSORS_WEIGHTS_NAME
 from safetensors import safe_open
-from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
+from .conditioning import gather_inputs
+from .context import CallContext
 from .errors import ConfigError, CorruptFileError
 from .towers import Tower, find_towers
 
@@ -102,11 +106,15 @@ class TowerAdapterConfig(PeftConfig):
 
 
 class TwoTowerTuner(BaseTuner):
-    """A PEFT tuner over a two-tower model; subclasses set ``method_name`` and, if they keep per-call records,
-    ``forward_state_cls``."""
+    """A PEFT tuner over a two-tower model. Subclasses set ``method_name`` and implement ``call_outputs`` (what a call
+    adds to the model's output) and, if a call needs more than recording, ``call_hooks``.
+
+    Every forward call of the PeftModel opens the tuner's :class:`~mmexperts.context.CallContext` (shared with its
+    layers), lets the model run, then attaches the adapter's outputs: ``aux_loss`` and ``routing_weights`` always
+    (zeros or empty where the config has nothing to route), plus the method's own fields and loss.
+    """
 
     method_name: str = "mmexperts"
-    forward_state_cls: type | None = None
 
     @property
     def towers(self) -> dict[str, Tower]:
@@ -116,11 +124,103 @@ class TwoTowerTuner(BaseTuner):
         return self.__dict__["_towers"]
 
     @property
-    def forward_state(self):
-        """Records of the latest forward call, shared by the tuner and its layers."""
-        if "_forward_state" not in self.__dict__:
-            self.__dict__["_forward_state"] = self.forward_state_cls()
-        return self.__dict__["_forward_state"]
+    def context(self) -> CallContext:
+        """The per-call context shared by the tuner and its layers."""
+        if "_context" not in self.__dict__:
+            self.__dict__["_context"] = CallContext()
+        return self.__dict__["_context"]
+
+    def tuner_layers(self) -> list[nn.Module]:
+        """The method's layers in the model, in module order."""
+        return [module for module in self.model.modules() if isinstance(module, self.tuner_layer_cls)]
+
+    def active_adapter_names(self) -> list[str]:
+        """The active adapters of this tuner that run in a call; none inside ``disable_adapter()``."""
+        layers = self.tuner_layers()
+        if not layers or layers[0].disable_adapters:
+            return []
+        return [name for name in self.active_adapters if name in self.peft_config]
+
+    def single_adapter(self, adapter_name: str | None = None) -> str:
+        """``adapter_name`` checked, or the one active adapter when it is None."""
+        if adapter_name is None:
+            active = self.active_adapter_names() or [n for n in self.active_adapters if n in self.peft_config]
+            if len(active) != 1:
+                raise ValueError(f"{len(active)} {self.method_name} adapters are active ({active}); pass adapter_name "
+                                 "or activate exactly one with model.set_adapter(name).")
+            return active[0]
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"No {self.method_name} adapter named {adapter_name!r}; available: "
+                             f"{sorted(self.peft_config)}.")
+        return adapter_name
+
+    @contextmanager
+    def calling(self, inputs: dict):
+        """Open the call context for one forward call (with ``inputs``, its keyword view) and clear it after."""
+        self.context.open(inputs)
+        try:
+            yield self.context
+        finally:
+            self.context.clear()  # drop the call's activations and graph
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        names = self.active_adapter_names()
+        if not names:
+            yield
+            return
+        inputs = gather_inputs(self.model, args, kwargs)
+        with self.calling(inputs), self.call_hooks(inputs, names):
+            handle = self.model.register_forward_hook(self._attach_outputs)
+            try:
+                yield
+            finally:
+                handle.remove()
+
+    def call_hooks(self, inputs: dict, adapter_names: list[str]):
+        """Hooks a call needs besides the layers' recording (a context manager); none by default."""
+        return nullcontext()
+
+    def _attach_outputs(self, module, args, output):
+        if not hasattr(output, "keys"):
+            return output
+        names = self.active_adapter_names()
+        fields, loss = self.call_outputs(names, output.get("loss"))
+        fields.setdefault("aux_loss", self.zero(output))
+        fields.setdefault("routing_weights", self.routing_weights(names, output))
+        for key, value in fields.items():
+            output[key] = value
+        if loss is not None:
+            output["loss"] = loss
+        return output
+
+    def call_outputs(self, adapter_names: list[str], base_loss: torch.Tensor | None) -> tuple[dict, torch.Tensor | None]:
+        """The fields a call adds to the model's output and its loss (None: keep the base model's)."""
+        raise NotImplementedError
+
+    def routing_weights(self, adapter_names: list[str], output=None) -> torch.Tensor | dict:
+        """Routing weights recorded in this call, (sites, batch, K) per adapter (a dict for several adapters);
+        (0, batch, 0) where an adapter routes nothing."""
+        batch = self.batch_size(output)
+        stacked = {name: torch.stack(self.context.routing[name]) if self.context.routing.get(name)
+                   else self.zero(output).new_zeros(0, batch, 0) for name in adapter_names}
+        return stacked[adapter_names[0]] if len(stacked) == 1 else stacked
+
+    def aux_loss(self, adapter_names: list[str], output=None) -> torch.Tensor:
+        """Mean auxiliary loss of the routing sites recorded in this call (0 where there are none)."""
+        losses = [loss for name in adapter_names for loss in self.context.aux_losses.get(name, [])]
+        return torch.stack(losses).mean() if losses else self.zero(output)
+
+    def zero(self, output=None) -> torch.Tensor:
+        """A scalar 0 on the model's device."""
+        parameter = next(self.model.parameters())
+        return torch.zeros((), device=parameter.device)
+
+    def batch_size(self, output=None) -> int:
+        for value in self.context.inputs.values():
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                return value.shape[0]
+        return 0
 
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
         """Put the wrapper in place of the block, with its adapter modules on the block's device."""
@@ -131,6 +231,15 @@ class TwoTowerTuner(BaseTuner):
         for name, module in new_module.named_modules():
             if self.prefix in name and not any(p.device.type == "meta" for p in module.parameters()):
                 module.to(parameter.device)
+
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        """Checkpoint key of a model key: the adapter name follows one of the layer's adapter containers
+        (``altmoe_connector.<name>.experts.w1``, ``s3_core.<name>.keys``), so it is removed right after the container,
+        wherever that sits in the key; checkpoints then load under any adapter name."""
+        layer = cls.tuner_layer_cls
+        containers = "|".join(map(re.escape, layer.adapter_layer_names + layer.other_param_names))
+        return re.sub(rf"((?:^|\.)(?:{containers}))\.{re.escape(adapter_name)}(?=\.|$)", r"\1", key, count=1)
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         for name, param in model.named_parameters():

@@ -10,6 +10,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ..moe import ExpertMLPs, Router, switch_balance_loss
+from ..context import CallContext
+from ..towers import masked_mean
 from ..tuners import UnmergeableLayer
 from .config import DIRECTIONS, AltMoEConfig
 
@@ -26,21 +28,17 @@ def check_direction(direction: str) -> str:
     return direction
 
 
-def masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over the real tokens (mask 1) of (batch, length, dim) features."""
-    mask = mask.to(tokens.dtype).unsqueeze(-1)
-    return (tokens * mask).sum(1) / mask.sum(1).clamp_min(1)
-
-
 @dataclass
 class DirectionPrediction:
     """One direction's connector output for a batch: pooled contrastive embedding, predicted target latent,
-    routing weights of the real tokens per branch, and the gate's load-balance loss."""
+    routing weights of the real tokens per branch (real tokens, K), the gate's load-balance loss, and per branch the
+    routing weights averaged over each example's real tokens (batch, K)."""
 
     embeds: torch.Tensor
     latent: torch.Tensor
     routing: dict[str, torch.Tensor]
     balance_loss: torch.Tensor
+    example_routing: dict[str, torch.Tensor]
 
 
 class AltMoEConnector(nn.Module):
@@ -103,7 +101,12 @@ class AltMoEConnector(nn.Module):
             balance.append(loss)
         embeds = self.contrastive_heads[direction](masked_mean(outputs["contrastive"], mask))
         latent = self.regression_heads[direction](masked_mean(outputs["regression"], mask))
-        return DirectionPrediction(embeds, latent, routing, torch.stack(balance).mean())
+        per_example = {}
+        for branch, weights in routing.items():
+            full = weights.new_zeros(*real.shape, weights.shape[-1])
+            full[real] = weights
+            per_example[branch] = masked_mean(full, real)
+        return DirectionPrediction(embeds, latent, routing, torch.stack(balance).mean(), per_example)
 
     def target(self, modality: str, pooled: torch.Tensor) -> torch.Tensor:
         """A modality's pooled features projected into the contrastive space (linear, so pooling first is exact)."""
@@ -122,9 +125,10 @@ class AltMoELayer(UnmergeableLayer, nn.Module, BaseTunerLayer):
     merge_reason = "An Alt-MoE connector is a separate network on the towers' outputs"
     other_param_names = ()
 
-    def __init__(self, base_layer: nn.Module, vision_size: int, text_size: int, **kwargs):
+    def __init__(self, base_layer: nn.Module, context: CallContext, vision_size: int, text_size: int, **kwargs):
         super().__init__()
         self.base_layer = base_layer
+        self._context = context
         self.vision_size, self.text_size = vision_size, text_size
         self.in_features = self.out_features = text_size
         self.altmoe_connector = nn.ModuleDict()
@@ -139,6 +143,8 @@ class AltMoELayer(UnmergeableLayer, nn.Module, BaseTunerLayer):
         self.set_adapter(self.active_adapters)
 
     def forward(self, *args, **kwargs):
+        if not self.disable_adapters and any(name in self.altmoe_connector for name in self.active_adapters):
+            self._context.require(self.method_name)
         return self.base_layer(*args, **kwargs)
 
     def __repr__(self) -> str:

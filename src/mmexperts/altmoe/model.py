@@ -10,12 +10,11 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils import ModelOutput
 
-from ..conditioning import gather_inputs
 from ..moe import info_nce
-from ..towers import Tower
+from ..towers import Tower, masked_mean
 from ..tuners import MODALITIES, TwoTowerTuner
 from .config import DIRECTIONS, AltMoEConfig
-from .layer import SOURCE, TARGET, AltMoEConnector, AltMoELayer, DirectionPrediction, check_direction, masked_mean
+from .layer import BRANCHES, SOURCE, TARGET, AltMoEConnector, AltMoELayer, DirectionPrediction, check_direction
 
 ALIGNED_KEYS = ("image_embeds", "text_embeds", "logits_per_image", "logits_per_text")
 
@@ -34,7 +33,9 @@ class TokenFeatures:
 class AltMoEOutput(ModelOutput):
     """Connector output. ``image_embeds`` / ``text_embeds`` are aligned so that their dot product is the mean of the
     two directions' cosine similarities; ``logits_per_image`` / ``logits_per_text`` are it over the temperature.
-    ``image_to_text`` / ``text_to_image`` hold each direction's own prediction (None for a direction not run)."""
+    ``image_to_text`` / ``text_to_image`` hold each direction's own prediction (None for a direction not run);
+    ``routing_weights`` (sites, batch, K) the gate weights averaged over each example's real tokens, one site per
+    direction run and branch (contrastive, regression)."""
 
     loss: torch.Tensor | None = None
     logits_per_image: torch.Tensor | None = None
@@ -46,6 +47,7 @@ class AltMoEOutput(ModelOutput):
     image_target_embeds: torch.Tensor | None = None
     text_target_embeds: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
+    routing_weights: torch.Tensor | None = None
 
 
 def regression_loss(prediction: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
@@ -128,7 +130,7 @@ class AltMoEModel(TwoTowerTuner):
         if isinstance(target, AltMoELayer):
             target.update_layer(adapter_name, peft_config)
             return
-        new_module = AltMoELayer(target, peft_config.vision_hidden_size, peft_config.text_hidden_size)
+        new_module = AltMoELayer(target, self.context, peft_config.vision_hidden_size, peft_config.text_hidden_size)
         new_module.update_layer(adapter_name, peft_config)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
@@ -144,13 +146,7 @@ class AltMoEModel(TwoTowerTuner):
 
     def connector(self, adapter_name: str | None = None) -> AltMoEConnector:
         """The connector of ``adapter_name`` (default: the single active adapter)."""
-        if adapter_name is None:
-            active = [name for name in self.active_adapters if name in self.peft_config]
-            if len(active) != 1:
-                raise ValueError(f"Alt-MoE runs one connector per call, but the active adapters are {active}; "
-                                 "activate exactly one with model.set_adapter(name).")
-            adapter_name = active[0]
-        return self._host().altmoe_connector[adapter_name]
+        return self._host().altmoe_connector[self.single_adapter(adapter_name)]
 
     def direction_parameters(self, direction: str) -> list[nn.Parameter]:
         """Parameters of the active connector that only ``direction`` uses."""
@@ -187,6 +183,7 @@ class AltMoEModel(TwoTowerTuner):
         predictions = {d: connector.predict(d, tokens[SOURCE[d]], masks[SOURCE[d]]) for d in directions}
         out = AltMoEOutput(image_target_embeds=targets["vision"], text_target_embeds=targets["text"], **predictions)
         out.aux_loss = torch.stack([p.balance_loss for p in predictions.values()]).mean()
+        out.routing_weights = torch.stack([p.example_routing[b] for p in predictions.values() for b in BRANCHES])
         if len(directions) == len(DIRECTIONS):
             half = 0.5 ** 0.5
             out.image_embeds = torch.cat([F.normalize(predictions["image_to_text"].embeds, dim=-1),
@@ -209,15 +206,15 @@ class AltMoEModel(TwoTowerTuner):
         """Run the two frozen towers alone on a batch (``pixel_values``, ``input_ids``, ``attention_mask``...) and
         return their token features: what the connector reads, and what a feature cache stores."""
         self._check_pairs(inputs)
-        captured = {}
-        for modality in MODALITIES:
-            tower = self.towers[modality]
-            tower_inputs = tower.select_inputs(inputs)
-            if not tower_inputs:
-                raise ValueError(f"The batch has none of the {modality} tower's inputs {list(tower.input_names)}.")
-            with tap_last_block(tower, lambda value, m=modality: captured.__setitem__(m, value)):
-                tower.module(**tower_inputs)
-        return self._features(captured, inputs)
+        with self.calling(inputs) as context:
+            for modality in MODALITIES:
+                tower = self.towers[modality]
+                tower_inputs = tower.select_inputs(inputs)
+                if not tower_inputs:
+                    raise ValueError(f"The batch has none of the {modality} tower's inputs {list(tower.input_names)}.")
+                with tap_last_block(tower, lambda value, m=modality: context.tokens.__setitem__(m, value)):
+                    tower.module(**tower_inputs)
+            return self._features(context.tokens, inputs)
 
     def _check_pairs(self, inputs: dict) -> None:
         """Refuse image and text batches of different sizes before the towers run (the loss needs one pair per row)."""
@@ -242,32 +239,22 @@ class AltMoEModel(TwoTowerTuner):
 
     # ---- forward plumbing ----------------------------------------------------------------------------------------
     @contextmanager
-    def _enable_peft_forward_hooks(self, *args, **kwargs):
-        active = [name for name in self.active_adapters if name in self.peft_config]
-        if not active or self._host().disable_adapters:
-            yield
-            return
-        inputs = gather_inputs(self.model, args, kwargs)
+    def call_hooks(self, inputs: dict, adapter_names: list[str]):
+        """Tap both towers' last blocks into the call context."""
         self._check_pairs(inputs)
-        captured = {}
-        with tap_last_block(self.towers["vision"], lambda value: captured.__setitem__("vision", value)), \
-                tap_last_block(self.towers["text"], lambda value: captured.__setitem__("text", value)):
-            def attach(module, args, output):
-                if set(captured) != set(MODALITIES) or not hasattr(output, "keys"):
-                    raise ValueError("Alt-MoE needs both towers to run: call the model with pixel_values and "
-                                     "input_ids (and attention_mask for padded text).")
-                features = self._features(captured, inputs)
-                result = self.connect(features.image_tokens, features.image_mask, features.text_tokens,
-                                      features.text_mask, return_loss=bool(inputs.get("return_loss")))
-                for key, value in result.items():
-                    output[key] = value
-                for key in ALIGNED_KEYS:  # a single direction has no aligned pair: drop the base's stale values
-                    if result.get(key) is None and key in output:
-                        output[key] = None
-                return output
+        tokens = self.context.tokens
+        with tap_last_block(self.towers["vision"], lambda value: tokens.__setitem__("vision", value)), \
+                tap_last_block(self.towers["text"], lambda value: tokens.__setitem__("text", value)):
+            yield
 
-            handle = self.model.register_forward_hook(attach)
-            try:
-                yield
-            finally:
-                handle.remove()
+    def call_outputs(self, adapter_names: list[str], base_loss):
+        context = self.context
+        if set(context.tokens) != set(MODALITIES):
+            raise ValueError("Alt-MoE needs both towers to run: call the model with pixel_values and input_ids (and "
+                             "attention_mask for padded text).")
+        features = self._features(context.tokens, context.inputs)
+        result = self.connect(features.image_tokens, features.image_mask, features.text_tokens, features.text_mask,
+                              return_loss=bool(context.inputs.get("return_loss")))
+        fields = dict(result.items())
+        fields.update({key: None for key in ALIGNED_KEYS if result.get(key) is None})  # one direction: no aligned pair
+        return fields, fields.pop("loss", None)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-
 import torch
 import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -12,25 +10,12 @@ from torch import nn
 
 from ..moe import Router, importance_loss
 from ..prefix import PREFIX_KWARG, PrefixAttention, with_prompt_tokens
-from ..towers import key_padding_mask
+from ..towers import key_padding_mask, masked_mean
+from ..context import CallContext
 from ..tuners import UnmergeableLayer
 from .config import MoPEConfig
 
 ROUTED, DEEP = "routed", "deep"
-
-
-@dataclass
-class MoPEForwardState:
-    """Per-call state shared by the blocks of one model: the complementary feature, mapped prompts, routing records."""
-
-    complementary: torch.Tensor | None = None
-    mapped: dict = field(default_factory=dict)
-    routing: dict = field(default_factory=dict)
-    aux_losses: dict = field(default_factory=dict)
-
-    def reset(self) -> None:
-        self.complementary = None
-        self.mapped, self.routing, self.aux_losses = {}, {}, {}
 
 
 def _prompt_init(hidden_size: int) -> float:
@@ -49,11 +34,11 @@ class MoPELayer(UnmergeableLayer, nn.Module, BaseTunerLayer):
                            "mope_mapper_in", "mope_mapper_out", "mope_gate")
     other_param_names = ("mope_role", "mope_settings")
 
-    def __init__(self, base_layer: nn.Module, state: MoPEForwardState, complementary_size: int, **kwargs):
+    def __init__(self, base_layer: nn.Module, context: CallContext, complementary_size: int, **kwargs):
         super().__init__()
         self.base_layer = base_layer
         self._prefix = PrefixAttention(base_layer)
-        self._state = state
+        self._context = context
         anatomy = self._prefix.anatomy
         self.hidden_size = anatomy.key.in_features
         self.num_heads = anatomy.num_heads
@@ -110,7 +95,7 @@ class MoPELayer(UnmergeableLayer, nn.Module, BaseTunerLayer):
     def _detach(self) -> None:
         self._prefix.remove()
 
-    def _map(self, name: str, complementary: torch.Tensor) -> torch.Tensor:
+    def map_feature(self, name: str, complementary: torch.Tensor) -> torch.Tensor:
         """The mapped prompt: a two-layer GELU MLP of the complementary feature, reshaped into prompt tokens."""
         hidden = F.gelu(self.mope_mapper_in[name](complementary.to(self.mope_mapper_in[name].weight.dtype)))
         tokens = F.gelu(self.mope_mapper_out[name](hidden))
@@ -121,23 +106,21 @@ class MoPELayer(UnmergeableLayer, nn.Module, BaseTunerLayer):
         batch, length, _ = hidden_states.shape
         queries = []
         if name in self.mope_self_proj:
-            real = key_padding_mask(attention_mask, length, batch, hidden_states.device).to(hidden_states.dtype)
-            context = (hidden_states * real[..., None]).sum(1) / real.sum(1, keepdim=True).clamp_min(1)
-            queries.append(self.mope_self_proj[name](context.to(self.mope_self_proj[name].weight.dtype)))
+            summary = masked_mean(hidden_states, key_padding_mask(attention_mask, length, batch, hidden_states.device))
+            queries.append(self.mope_self_proj[name](summary.to(self.mope_self_proj[name].weight.dtype)))
         if name in self.mope_cross_proj:
             queries.append(self.mope_cross_proj[name](complementary.to(self.mope_cross_proj[name].weight.dtype)))
         routing = self.mope_router[name](torch.cat(queries, -1)).weights
-        self._state.routing.setdefault(name, []).append(routing)
-        threshold = self.mope_settings[name]["importance_threshold"]
-        self._state.aux_losses.setdefault(name, []).append(importance_loss(routing, threshold))
+        self._context.record(name, routing, importance_loss(routing, self.mope_settings[name]["importance_threshold"]))
         return torch.einsum("bk,kpd->bpd", routing, self.mope_experts[name])
 
     def _routed_prompts(self, name: str, hidden_states: torch.Tensor, attention_mask) -> torch.Tensor:
-        complementary = self._state.complementary
+        self._context.require(self.method_name)
+        complementary = self._context.complementary
         if complementary is None:
             raise ValueError(
-                "A MoPE routed block ran without the complementary tower's feature. Call the model through its "
-                "PeftModel with both modalities, e.g. model(pixel_values=..., input_ids=..., attention_mask=...)."
+                "A MoPE routed block ran without the complementary tower's feature. Call the model with both "
+                "modalities, e.g. model(pixel_values=..., input_ids=..., attention_mask=...)."
             )
         parts = []
         if name in self.mope_static:
@@ -145,9 +128,7 @@ class MoPELayer(UnmergeableLayer, nn.Module, BaseTunerLayer):
         if name in self.mope_experts:
             parts.append(self._route(name, hidden_states, attention_mask, complementary))
         if self.mope_settings[name]["mapped_prompt_length"]:
-            if name in self.mope_mapper_in:
-                self._state.mapped[name] = self._map(name, complementary)
-            parts.append(self._state.mapped[name])
+            parts.append(self._context.mapped[name])
         return torch.cat(parts, 1)
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):

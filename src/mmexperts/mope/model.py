@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 from torch import nn
 
-from ..conditioning import complementary_first, gather_inputs
+from ..conditioning import complementary_first
 from ..tuners import TwoTowerTuner
 from .config import MoPEConfig
-from .layer import DEEP, ROUTED, MoPEForwardState, MoPELayer
+from .layer import DEEP, ROUTED, MoPELayer
 
 HEAD_NAMES = ("classifier",)
 
@@ -20,7 +18,6 @@ class MoPEModel(TwoTowerTuner):
 
     prefix: str = "mope_"
     method_name = "MoPE"
-    forward_state_cls = MoPEForwardState
     tuner_layer_cls = MoPELayer
     target_module_mapping: dict = {}
 
@@ -70,7 +67,7 @@ class MoPEModel(TwoTowerTuner):
             target.update_layer(adapter_name, peft_config, role, owns_mapper)
             return
         complementary_size = towers[peft_config.complementary_tower].hidden_size
-        new_module = MoPELayer(target, self.forward_state, complementary_size)
+        new_module = MoPELayer(target, self.context, complementary_size)
         new_module.update_layer(adapter_name, peft_config, role, owns_mapper)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
@@ -84,43 +81,29 @@ class MoPEModel(TwoTowerTuner):
                     f"{config.prompted_tower} tower; all MoPE adapters on one model must prompt the same tower."
                 )
 
-    @contextmanager
-    def _enable_peft_forward_hooks(self, *args, **kwargs):
-        configs = [self.peft_config[name] for name in self.active_adapters if name in self.peft_config]
-        if not configs:
-            yield
-            return
-        state = self.forward_state
-        state.reset()
-        config = configs[0]
+    def call_hooks(self, inputs: dict, adapter_names: list[str]):
+        """The complementary tower runs first; its feature and the mapped prompts reach the context before the
+        prompted tower runs."""
+        config = self.peft_config[adapter_names[0]]
         towers = self.towers
-        inputs = gather_inputs(self.model, args, kwargs)
-        with complementary_first(towers[config.prompted_tower], towers[config.complementary_tower], inputs,
-                                 self._keep_complementary):
-            handle = self.model.register_forward_hook(self._attach_outputs)
-            try:
-                yield
-            finally:
-                handle.remove()
-                state.reset()  # drop the call's activations and graph
+        return complementary_first(towers[config.prompted_tower], towers[config.complementary_tower], inputs,
+                                   lambda feature: self._receive_complementary(feature, adapter_names))
 
-    def _keep_complementary(self, feature: torch.Tensor) -> None:
-        self.forward_state.complementary = feature
+    def _receive_complementary(self, feature: torch.Tensor, adapter_names: list[str]) -> None:
+        """Keep the complementary feature and map it into each adapter's prompt, once per call."""
+        self.context.complementary = feature
+        for layer in self.tuner_layers():
+            for name in adapter_names:
+                if name in layer.mope_mapper_in:
+                    self.context.mapped[name] = layer.map_feature(name, feature)
 
-    def _attach_outputs(self, module, args, output):
-        state = self.forward_state
-        if not state.aux_losses or not hasattr(output, "keys"):
-            return output
-        names = [name for name in self.active_adapters if name in state.aux_losses]
-        losses = [loss for name in names for loss in state.aux_losses[name]]
-        aux = torch.stack(losses).mean()
-        routing = {name: torch.stack(state.routing[name]) for name in names}
-        output["aux_loss"] = aux
-        output["routing_weights"] = routing[names[0]] if len(names) == 1 else routing
-        if output.get("loss") is not None:
-            weight = max(self.peft_config[name].importance_loss_weight for name in names)
-            output["loss"] = output["loss"] + weight * aux.to(output["loss"].dtype)
-        return output
+    def call_outputs(self, adapter_names: list[str], base_loss):
+        aux = self.aux_loss(adapter_names)
+        fields = {"aux_loss": aux}
+        if base_loss is None:
+            return fields, None
+        weight = max(self.peft_config[name].importance_loss_weight for name in adapter_names)
+        return fields, base_loss + weight * aux.to(base_loss.dtype)
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config: MoPEConfig, adapter_name: str,

@@ -12,7 +12,7 @@ from ..tuners import TowerAdapterConfig
 HEAD_INPUTS = ("concat", "sum")
 _POSITIVE_INTS = ("num_experts", "latent_dim", "num_tasks", "task_embedding_dim")
 _NON_NEGATIVE_FLOATS = ("router_noise_std", "diversity_loss_weight", "balance_loss_weight", "sharpness_loss_weight",
-                        "load_balance_loss_weight", "z_loss_weight", "ssl_loss_weight", "ssl_noise_std")
+                        "load_balance_loss_weight", "z_loss_weight", "ssl_noise_std")
 
 
 @dataclass
@@ -60,9 +60,10 @@ class S3Config(TowerAdapterConfig):
     load_balance_loss_weight: float = field(default=0.01, metadata={
         "help": "Weight of the Switch router balance loss."})
     z_loss_weight: float = field(default=1e-3, metadata={"help": "Weight of the router z-loss."})
-    ssl_loss_weight: float = field(default=0.0, metadata={
+    ssl_loss_weight: float | None = field(default=None, metadata={
         "help": "Weight of the per-concept InfoNCE between two augmented views (training only); > 0 enables the "
-                "self-supervised Specialization objective (without labels it is the whole loss)."})
+                "self-supervised Specialization objective (without labels it is the whole loss). None: 1.0 on a base "
+                "without a classifier head (features only: this loss is what trains the experts), else 0.0."})
     ssl_temperature: float = field(default=0.1, metadata={"help": "InfoNCE temperature."})
     ssl_token_drop: float = field(default=0.2, metadata={"help": "Fraction of tokens each view drops."})
     ssl_noise_std: float = field(default=0.1, metadata={"help": "Gaussian noise added to each view's latent tokens."})
@@ -85,6 +86,8 @@ class S3Config(TowerAdapterConfig):
             self.check_float(name, 0, low_open=True)
         for name in _NON_NEGATIVE_FLOATS:
             self.check_float(name, 0)
+        if self.ssl_loss_weight is not None:
+            self.check_float("ssl_loss_weight", 0)
         for name in ("dropout", "ssl_token_drop"):
             self.check_float(name, 0, 1, high_open=True)
         self.check_choice("head_input", HEAD_INPUTS)

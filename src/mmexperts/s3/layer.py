@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -11,22 +11,10 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ..moe import ExpertMLPs, Router, info_nce, switch_balance_loss, z_loss
-from ..towers import key_padding_mask
+from ..context import CallContext
+from ..towers import key_padding_mask, masked_mean
 from ..tuners import UnmergeableLayer
 from .config import S3Config
-
-
-@dataclass
-class S3ForwardState:
-    """Per-call state of one model: whether blocks record, their tokens and masks, and the call's task ids."""
-
-    recording: bool = False
-    tokens: dict = field(default_factory=dict)
-    task_ids: torch.Tensor | None = None
-    labels: torch.Tensor | None = None
-
-    def reset(self) -> None:
-        self.recording, self.tokens, self.task_ids, self.labels = False, {}, None, None
 
 
 @dataclass
@@ -122,8 +110,7 @@ class S3Core(nn.Module):
         batch = tokens.shape[0]
         tokens = tokens.to(self.keys.dtype)
         task_ids = self.check_task_ids(task_ids, batch, tokens.device)
-        real = mask.to(tokens.dtype)
-        summary = (tokens * real[..., None]).sum(1) / real.sum(1, keepdim=True).clamp_min(1)
+        summary = masked_mean(tokens, mask)
         query = torch.cat([self.summary_norm(summary), self.task_embedding(task_ids)], -1)
         routed = self.router(query, expert_mask)
         gates = routed.weights
@@ -185,10 +172,10 @@ class S3Layer(UnmergeableLayer, nn.Module, BaseTunerLayer):
     merge_reason = "S3 concepts are computed from each input's tokens"
     other_param_names = ("s3_expert_mask",)
 
-    def __init__(self, base_layer: nn.Module, state: S3ForwardState, modality: str, hidden_size: int, **kwargs):
+    def __init__(self, base_layer: nn.Module, context: CallContext, modality: str, hidden_size: int, **kwargs):
         super().__init__()
         self.base_layer = base_layer
-        self._state = state
+        self._context = context
         self.modality = modality
         self.in_features = self.out_features = hidden_size
         self.s3_proj = nn.ModuleDict()
@@ -216,11 +203,13 @@ class S3Layer(UnmergeableLayer, nn.Module, BaseTunerLayer):
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         output = self.base_layer(hidden_states, *args, **kwargs)
-        if self._state.recording and not self.disable_adapters:
-            tokens = output[0] if isinstance(output, (tuple, list)) else output
-            attention_mask = args[0] if args else kwargs.get("attention_mask")
-            mask = key_padding_mask(attention_mask, tokens.shape[1], tokens.shape[0], tokens.device)
-            self._state.tokens[self.modality] = (tokens, mask)
+        if self.disable_adapters or not any(name in self.s3_proj for name in self.active_adapters):
+            return output
+        self._context.require(self.method_name)
+        tokens = output[0] if isinstance(output, (tuple, list)) else output
+        attention_mask = args[0] if args else kwargs.get("attention_mask")
+        mask = key_padding_mask(attention_mask, tokens.shape[1], tokens.shape[0], tokens.device)
+        self._context.tokens[self.modality] = (tokens, mask)
         return output
 
     def __repr__(self) -> str:

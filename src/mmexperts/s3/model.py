@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from contextlib import contextmanager
 from types import SimpleNamespace
 from typing import Iterable
@@ -11,12 +10,11 @@ import torch
 from torch import nn
 from transformers.loss.loss_utils import ForSequenceClassificationLoss
 
-from ..conditioning import gather_inputs
 from ..moe.utility import (UTILITY_CRITERIA, check_mask, gate_mass, gate_output_norm, leave_one_out,
                            prune_to_sparsity, usage_frequency)
 from ..tuners import MODALITIES, TwoTowerTuner
 from .config import S3Config
-from .layer import S3ForwardState, S3Layer, S3Output
+from .layer import S3Layer, S3Output
 
 HEAD_NAMES = ("classifier",)
 OUTPUT_KEYS = {"concept_embeds": "concept_embeds", "fused_embeds": "fused_embeds", "routing_weights": "routing_weights",
@@ -37,7 +35,6 @@ class S3Model(TwoTowerTuner):
 
     prefix: str = "s3_"
     method_name = "S3"
-    forward_state_cls = S3ForwardState
     tuner_layer_cls = S3Layer
     target_module_mapping: dict = {}
 
@@ -56,6 +53,8 @@ class S3Model(TwoTowerTuner):
         if peft_config.num_labels is None:
             has_head = any(isinstance(getattr(self.model, name, None), nn.Module) for name in HEAD_NAMES)
             peft_config.num_labels = int(self.model.config.num_labels) if has_head else 0
+        if peft_config.ssl_loss_weight is None:  # without a head, the self-supervised loss is what trains the experts
+            peft_config.ssl_loss_weight = 0.0 if peft_config.num_labels else 1.0
         return peft_config
 
     size_fields = ("num_experts", "latent_dim", "expert_hidden_dim", "expert_dim", "num_tasks")
@@ -79,62 +78,29 @@ class S3Model(TwoTowerTuner):
         if isinstance(target, S3Layer):
             target.update_layer(adapter_name, peft_config, owns_core, peft_config.num_labels)
             return
-        new_module = S3Layer(target, self.forward_state, modality, self.towers[modality].hidden_size)
+        new_module = S3Layer(target, self.context, modality, self.towers[modality].hidden_size)
         new_module.update_layer(adapter_name, peft_config, owns_core, peft_config.num_labels)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
-    @classmethod
-    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
-        """Checkpoint key of a model key: the adapter name follows an S3 container (``s3_core.<name>.experts.w1``),
-        not only in PEFT's usual last-or-second-to-last place, so it is removed right after the container."""
-        containers = "|".join(S3Layer.adapter_layer_names + S3Layer.other_param_names)
-        return re.sub(rf"((?:^|\.)(?:{containers}))\.{re.escape(adapter_name)}(?=\.|$)", r"\1", key, count=1)
-
     # ---- forward -----------------------------------------------------------------------------------------------
     def _layers(self) -> dict[str, S3Layer]:
-        return {module.modality: module for module in self.model.modules() if isinstance(module, S3Layer)}
+        return {layer.modality: layer for layer in self.tuner_layers()}
 
-    def _active_names(self) -> list[str]:
-        core = self._layers().get("vision")
-        if core is None or core.disable_adapters:
-            return []
-        return [name for name in self.active_adapters if name in core.s3_core]
-
-    @contextmanager
-    def _enable_peft_forward_hooks(self, *args, **kwargs):
-        if not self._active_names():
-            yield
-            return
-        with self._recording(gather_inputs(self.model, args, kwargs), attach=True):
-            yield
-
-    @contextmanager
-    def _recording(self, inputs: dict, attach: bool):
-        """Let the token blocks record during one call; ``attach`` adds S3's results to the model's output."""
-        state = self.forward_state
-        state.reset()
-        state.recording, state.task_ids, state.labels = True, inputs.get("task_ids"), inputs.get("labels")
-        handles = [self.model.register_forward_pre_hook(_drop_task_ids, with_kwargs=True, prepend=True)]
-        if attach:
-            handles.append(self.model.register_forward_hook(self._attach_outputs))
-        try:
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
-            state.reset()  # drop the call's activations and graph
+    def call_hooks(self, inputs: dict, adapter_names: list[str]):
+        return _without_task_ids(self.model)
 
     def compute(self, adapter_name: str) -> S3Output | None:
         """S3 over the tokens recorded in the current call, for one adapter (None if a tower did not run)."""
-        state, layers = self.forward_state, self._layers()
-        if any(m not in state.tokens for m in MODALITIES):
+        context, layers = self.context, self._layers()
+        if any(m not in context.tokens for m in MODALITIES):
             return None
-        tokens = torch.cat([layers[m].project(adapter_name, state.tokens[m][0]) for m in MODALITIES], 1)
-        mask = torch.cat([state.tokens[m][1] for m in MODALITIES], 1)
+        tokens = torch.cat([layers[m].project(adapter_name, context.tokens[m][0]) for m in MODALITIES], 1)
+        mask = torch.cat([context.tokens[m][1] for m in MODALITIES], 1)
         core = layers["vision"]
-        return core.s3_core[adapter_name](tokens, mask, core.s3_expert_mask[adapter_name], state.task_ids)
+        return core.s3_core[adapter_name](tokens, mask, core.s3_expert_mask[adapter_name],
+                                          context.inputs.get("task_ids"))
 
     def task_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The task loss with transformers' semantics for the base model's ``problem_type``."""
@@ -142,59 +108,42 @@ class S3Model(TwoTowerTuner):
                                  problem_type=getattr(self.model.config, "problem_type", None))
         return ForSequenceClassificationLoss(labels.to(logits.device), logits, config)
 
-    def _attach_outputs(self, module, args, output):
-        state = self.forward_state
-        if not hasattr(output, "keys"):
-            return output
-        names = self._active_names()
-        results = {name: result for name in names if (result := self.compute(name)) is not None}
+    def call_outputs(self, adapter_names: list[str], base_loss):
+        results = {name: result for name in adapter_names if (result := self.compute(name)) is not None}
         if not results:
-            return output
+            return {}, None
         single = len(results) == 1
-        first = next(iter(results.values()))
+        fields = {}
         for key, attribute in OUTPUT_KEYS.items():
             values = {name: getattr(result, attribute) for name, result in results.items()}
             if key == "routing_weights":
                 values = {name: value[None] for name, value in values.items()}
-            output[key] = next(iter(values.values())) if single else values
+            fields[key] = next(iter(values.values())) if single else values
         aux = sum(result.aux_loss for result in results.values())
-        output["aux_loss"] = aux
-        heads = [result.logits for result in results.values() if result.logits is not None]
+        fields["aux_loss"] = aux
         extra = aux
-        ssl = [self.peft_config[n].ssl_loss_weight * r.ssl_loss for n, r in results.items() if r.ssl_loss is not None]
+        ssl = {n: r.ssl_loss for n, r in results.items() if r.ssl_loss is not None}
         if ssl:
-            output["ssl_loss"] = first.ssl_loss if single else {n: r.ssl_loss for n, r in results.items()}
-            extra = extra + sum(ssl)
+            fields["ssl_loss"] = next(iter(ssl.values())) if single else ssl
+            extra = extra + sum(self.peft_config[n].ssl_loss_weight * loss for n, loss in ssl.items())
+        heads = [result.logits for result in results.values() if result.logits is not None]
+        labels = self.context.inputs.get("labels")
         if heads:
-            logits = sum(heads)
-            output["logits"] = logits
-            if state.labels is not None:
-                output["loss"] = self.task_loss(logits, state.labels) + extra
-                return output
-        if output.get("loss") is not None:
-            output["loss"] = output["loss"] + extra.to(output["loss"].dtype)
-        elif ssl and self.model.training:
-            output["loss"] = extra  # the self-supervised Specialization stage: no labels
-        return output
+            fields["logits"] = sum(heads)
+            if labels is not None:
+                return fields, self.task_loss(fields["logits"], labels) + extra
+        if base_loss is not None:
+            return fields, base_loss + extra.to(base_loss.dtype)
+        return fields, extra if ssl and self.model.training else None  # Specialization alone: no labels
 
     # ---- sparsification ----------------------------------------------------------------------------------------
-    def _adapter(self, adapter_name: str | None) -> str:
-        if adapter_name is None:
-            active = self._active_names() or [n for n in self.active_adapters if n in self.peft_config]
-            if len(active) != 1:
-                raise ValueError(f"Several S3 adapters are active ({active}); pass adapter_name.")
-            return active[0]
-        if adapter_name not in self._layers()["vision"].s3_core:
-            raise ValueError(f"No S3 adapter named {adapter_name!r}; available: {sorted(self.peft_config)}.")
-        return adapter_name
-
     def get_expert_mask(self, adapter_name: str | None = None) -> torch.Tensor:
         """A copy of the adapter's expert mask (K,) bool; ``False`` marks pruned experts."""
-        return self._layers()["vision"].s3_expert_mask[self._adapter(adapter_name)].clone()
+        return self._layers()["vision"].s3_expert_mask[self.single_adapter(adapter_name)].clone()
 
     def set_expert_mask(self, mask, adapter_name: str | None = None) -> None:
         """Set the adapter's persistent expert mask (saved and loaded with the adapter)."""
-        name = self._adapter(adapter_name)
+        name = self.single_adapter(adapter_name)
         masks = self._layers()["vision"].s3_expert_mask
         masks[name] = check_mask(mask, masks[name].numel()).to(masks[name].device)
 
@@ -206,13 +155,13 @@ class S3Model(TwoTowerTuner):
     def routing_statistics(self, batches: Iterable[dict], adapter_name: str | None = None) -> dict[str, torch.Tensor]:
         """Routing weights (examples, K), concept embeddings (examples, K, d_e), logits and labels over ``batches``
         (eval mode, one adapter, whatever adapters are active)."""
-        name = self._adapter(adapter_name)
+        name = self.single_adapter(adapter_name)
         was_training = self.model.training
         self.model.eval()
         collected = {"routing_weights": [], "concept_embeds": [], "logits": [], "labels": []}
         try:
             for batch in batches:
-                with self._recording(batch, attach=False):
+                with self.calling(batch), _without_task_ids(self.model):
                     self.model(**batch)
                     result = self.compute(name)
                 if result is None:
@@ -230,7 +179,7 @@ class S3Model(TwoTowerTuner):
     def evaluate_loss(self, batches: Iterable[dict], adapter_name: str | None = None,
                       expert_mask: torch.Tensor | None = None) -> float:
         """Mean task loss over labelled ``batches`` (optionally under a temporary expert mask)."""
-        name = self._adapter(adapter_name)
+        name = self.single_adapter(adapter_name)
         saved = self.get_expert_mask(name)
         if expert_mask is not None:
             self.set_expert_mask(expert_mask, name)
@@ -251,7 +200,7 @@ class S3Model(TwoTowerTuner):
         """
         if criterion not in UTILITY_CRITERIA:
             raise ValueError(f"criterion must be one of {UTILITY_CRITERIA}, got {criterion!r}.")
-        name = self._adapter(adapter_name)
+        name = self.single_adapter(adapter_name)
         batches = list(batches)
         mask = self.get_expert_mask(name)
         if criterion == "loss":
@@ -270,7 +219,7 @@ class S3Model(TwoTowerTuner):
         ``schedule="progressive"`` removes one expert at a time, rescoring (and calling ``on_prune(mask)``, e.g. a short
         fine-tune) after each removal.
         """
-        name = self._adapter(adapter_name)
+        name = self.single_adapter(adapter_name)
         batches = list(batches)
 
         def utility_of(mask):
@@ -288,18 +237,27 @@ class S3Model(TwoTowerTuner):
 
     def restore_experts(self, adapter_name: str | None = None) -> None:
         """Un-prune: make every expert active again."""
-        name = self._adapter(adapter_name)
+        name = self.single_adapter(adapter_name)
         self.set_expert_mask(torch.ones_like(self.get_expert_mask(name)), name)
 
     def router_and_head_parameters(self, adapter_name: str | None = None) -> list[nn.Parameter]:
         """The parameters a post-pruning fine-tune trains: the router, task embedding and heads."""
-        core = self._layers()["vision"].s3_core[self._adapter(adapter_name)]
+        core = self._layers()["vision"].s3_core[self.single_adapter(adapter_name)]
         params = [*core.router.parameters(), *core.task_embedding.parameters(), *core.summary_norm.parameters()]
         return params + ([core.head_weight, core.head_bias] if core.num_labels else [])
 
 
 def _drop_task_ids(module, args, kwargs):
-    """``task_ids`` is S3's; the base model never sees it."""
     if "task_ids" in kwargs:
         kwargs = {k: v for k, v in kwargs.items() if k != "task_ids"}
     return args, kwargs
+
+
+@contextmanager
+def _without_task_ids(model: nn.Module):
+    """``task_ids`` is S3's: the base model never sees it."""
+    handle = model.register_forward_pre_hook(_drop_task_ids, with_kwargs=True, prepend=True)
+    try:
+        yield
+    finally:
+        handle.remove()
