@@ -132,12 +132,15 @@ def test_interrupted_swap_is_restored_and_leftovers_removed(tmp_path):
     dead = 2**22 + 12345  # above the default pid_max: no such process
     os.replace(target, target.with_name(f".best.old-{dead}"))  # a kill between the two renames of a swap
     (tmp_path / f".adapter.partial-{dead}").mkdir()
-    (tmp_path / f".best.partial-{os.getpid()}").mkdir()  # a live writer's staging folder stays
+    (tmp_path / f".best.partial-{os.getppid()}").mkdir()  # another live writer's staging folder stays
+    (tmp_path / f".metrics.json.tmp-{os.getpid()}").write_text("{")  # this pid's own leftovers count as dead
     actions = recover_directory(tmp_path)
     assert (target / "weights").read_text() == "old"
-    assert sorted(p.name for p in tmp_path.iterdir()) == [f".best.partial-{os.getpid()}", "best"]
-    assert len(actions) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".best.partial-{os.getppid()}", "best"]
+    assert len(actions) == 3
+    (tmp_path / f".best.partial-{os.getppid()}").rmdir()
     staging = staging_path(target)
+    staging.mkdir()
     (staging / "weights").write_text("new")
     commit_directory(staging, target)
     assert (target / "weights").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["best"]
@@ -192,3 +195,11 @@ def test_non_finite_steps_are_skipped_counted_and_stop_after_too_many(backbones,
     monkeypatch.setattr(Trainer, "model_inputs", _poison({1, 2, 3}))
     with pytest.raises(NonFiniteLossError, match="3 steps in a row .*--max_nonfinite_in_a_row"):
         train(tiny_config(backbones, tmp_path / "diverged", max_nonfinite_in_a_row=3))
+
+
+def test_checkpoints_of_a_replaced_run_are_removed(backbones, finished_run, tmp_path):
+    folder = copy_run(finished_run, tmp_path)
+    checkpoints = folder / "checkpoints"
+    os.replace(checkpoints / "step_6", checkpoints / "step_9")  # as if an abandoned run had gone further
+    resume(backbones, folder, str(checkpoints / "step_3"))
+    assert [p.name for p in list_checkpoints(checkpoints)] == ["step_3", "step_6"]

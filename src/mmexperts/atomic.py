@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
-_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|old)-(?P<pid>\d+)$")
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|old|tmp)-(?P<pid>\d+)$")
 
 
 def staging_path(path: str | os.PathLike, pid: int | None = None) -> Path:
@@ -54,6 +54,7 @@ def commit_directory(staging: str | os.PathLike, path: str | os.PathLike) -> Pat
     staging, path = Path(staging), Path(path)
     fsync_tree(staging)
     retired = path.with_name(f".{path.name}.old-{os.getpid()}")
+    shutil.rmtree(retired, ignore_errors=True)
     if path.exists():
         os.replace(path, retired)
     os.replace(staging, path)
@@ -76,8 +77,10 @@ def write_file_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
 
 
 def _alive(pid: int) -> bool:
+    """Whether another process with this id runs (this process's own leftovers are from a failed write or from a
+    predecessor that had the same id, so they count as dead)."""
     if pid == os.getpid():
-        return True
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -106,7 +109,10 @@ def recover_directory(folder: str | os.PathLike) -> list[str]:
             os.replace(entry, target)
             actions.append(f"restored {target} from an interrupted swap")
         else:
-            shutil.rmtree(entry, ignore_errors=True)
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
             actions.append(f"removed leftover {entry.name}")
     if actions:
         _fsync_directory(folder)

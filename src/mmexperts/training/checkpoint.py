@@ -39,6 +39,7 @@ class TrainingState:
     best_metric: float | None = None
     best_step: int = -1
     nonfinite_steps: int = 0
+    nonfinite_in_a_row: int = 0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -54,13 +55,13 @@ class TrainingState:
         if not isinstance(values, dict) or set(values) != expected:
             raise CheckpointError(f"{path} must hold a JSON object with the keys {sorted(expected)}, got {values!r}; "
                                   "resume from another checkpoint.")
-        integers = ("step", "best_step", "nonfinite_steps")
+        integers = ("step", "best_step", "nonfinite_steps", "nonfinite_in_a_row")
         if any(not isinstance(values[k], int) or isinstance(values[k], bool) for k in integers) or \
-                values["step"] < 0 or values["nonfinite_steps"] < 0 or not (
+                min(values["step"], values["nonfinite_steps"], values["nonfinite_in_a_row"]) < 0 or not (
                 values["best_metric"] is None or isinstance(values["best_metric"], (int, float))
                 and not isinstance(values["best_metric"], bool) and math.isfinite(values["best_metric"])):
-            raise CheckpointError(f"{path} holds invalid values {values!r}: step, best_step and nonfinite_steps must "
-                                  "be integers (step >= 0) and best_metric a finite number or null.")
+            raise CheckpointError(f"{path} holds invalid values {values!r}: the step counts must be integers (>= 0 "
+                                  "but best_step) and best_metric a finite number or null.")
         return cls(**values)
 
 
@@ -152,6 +153,11 @@ def list_checkpoints(folder: str | os.PathLike) -> list[Path]:
     return [path for path in _step_folders(folder) if (path / MANIFEST_FILE).is_file()]
 
 
+def checkpoint_step(path: Path) -> int:
+    """The step of a ``step_N`` checkpoint folder."""
+    return int(CHECKPOINT_PATTERN.match(path.name).group(1))
+
+
 def _step_folders(folder: str | os.PathLike) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
@@ -174,5 +180,5 @@ def latest_checkpoint(folder: str | os.PathLike) -> tuple[Path, list[str]]:
     raise CheckpointError(f"--resume_from_checkpoint latest: no complete checkpoint under {folder}.{detail}")
 
 
-__all__ = ["CHECKPOINT_PATTERN", "MANIFEST_FILE", "STATE_FILE", "TrainingState", "check_adapter_keys",
+__all__ = ["CHECKPOINT_PATTERN", "MANIFEST_FILE", "STATE_FILE", "TrainingState", "check_adapter_keys", "checkpoint_step",
            "latest_checkpoint", "list_checkpoints", "verify_checkpoint", "write_manifest"]

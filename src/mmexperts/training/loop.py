@@ -28,8 +28,8 @@ from ..modeling import VisionTextModelForClassification
 from ..plots import plot_routing
 from ..retrieval import VectorStore, retrieval_recall
 from .alternating import DirectionSchedule, schedule_step
-from .checkpoint import (STATE_FILE, TrainingState, check_adapter_keys, latest_checkpoint, list_checkpoints,
-                         verify_checkpoint, write_manifest)
+from .checkpoint import (STATE_FILE, TrainingState, check_adapter_keys, checkpoint_step, latest_checkpoint,
+                         list_checkpoints, verify_checkpoint, write_manifest)
 from .config import SYNTHETIC_BACKBONES, TrainConfig
 from .methods import RETRIEVAL_METHODS, default_classifier_input, method_config
 from .probes import fit_linear_probe, pooled_features
@@ -76,7 +76,6 @@ class Trainer:
         check_process_group(self.accelerator)
         set_seed(config.seed)
         self.state = TrainingState()
-        self.nonfinite_in_a_row = 0
 
     # ---- setup -------------------------------------------------------------------------------------------------
     def _backbones(self) -> tuple[str, str]:
@@ -96,10 +95,9 @@ class Trainer:
     def setup(self) -> None:
         """Load data, backbones and adapter; build loaders, optimizer and scheduler; resume if asked."""
         config, accelerator = self.config, self.accelerator
-        if accelerator.is_main_process:  # finish or undo writes a killed run left half done
+        if accelerator.is_main_process:  # finish or undo writes a killed run left half done (logged)
             for folder in (self.output_dir, self.output_dir / "checkpoints"):
-                for action in recover_directory(folder):
-                    accelerator.print(f"{folder}: {action}")
+                recover_directory(folder)
         self.writer_pid = broadcast_object_list([os.getpid()])[0]  # names the checkpoint staging folders
         vision_path, text_path = self._backbones()
         with accelerator.main_process_first():
@@ -222,7 +220,7 @@ class Trainer:
                         if self.schedule is not None:
                             self.schedule.release_inactive(self.model, self.state.step)
                         finite = self._step_is_finite(finite)
-                        if not finite:  # skip the update; the step and the schedule still advance
+                        if not finite:  # no gradients, no update; the step still advances
                             self.optimizer.zero_grad()
                     self.optimizer.step()
                     self.scheduler.step()
@@ -245,8 +243,9 @@ class Trainer:
         """Whether every process's loss and the synchronised gradients are finite (clipping, if set, happens here)."""
         parameters = [p for p in self.model.parameters() if p.requires_grad]
         if self.config.max_grad_norm > 0:
-            norm = self.accelerator.clip_grad_norm_(parameters, self.config.max_grad_norm)
+            norm = self.accelerator.clip_grad_norm_(parameters, self.config.max_grad_norm)  # unscales fp16 grads
         else:
+            self.accelerator.unscale_gradients()  # fp16: the grad scaler records its inf checks here
             norms = [p.grad.detach().float().norm() for p in parameters if p.grad is not None]
             norm = torch.stack(norms).norm() if norms else None
         grads_finite = norm is None or bool(torch.isfinite(torch.as_tensor(norm)))  # None: no grads, or DeepSpeed
@@ -255,16 +254,17 @@ class Trainer:
 
     def _count_nonfinite(self, finite: bool) -> None:
         """Count skipped steps; stop after ``max_nonfinite_in_a_row`` of them in a row."""
+        state = self.state
         if finite:
-            self.nonfinite_in_a_row = 0
+            state.nonfinite_in_a_row = 0
             return
-        self.state.nonfinite_steps += 1
-        self.nonfinite_in_a_row += 1
-        self.accelerator.print(f"step {self.state.step}: non-finite loss or gradient, update skipped "
-                               f"({self.nonfinite_in_a_row} in a row, {self.state.nonfinite_steps} in all).")
-        if self.nonfinite_in_a_row >= self.config.max_nonfinite_in_a_row:
+        state.nonfinite_steps += 1
+        state.nonfinite_in_a_row += 1
+        self.accelerator.print(f"step {state.step}: non-finite loss or gradient, update skipped "
+                               f"({state.nonfinite_in_a_row} in a row, {state.nonfinite_steps} in all).")
+        if state.nonfinite_in_a_row >= self.config.max_nonfinite_in_a_row:
             raise NonFiniteLossError(
-                f"{self.nonfinite_in_a_row} steps in a row had a non-finite loss or gradient (up to step "
+                f"{state.nonfinite_in_a_row} steps in a row had a non-finite loss or gradient (up to step "
                 f"{self.state.step}); training stopped. Check the inputs for NaN/inf, lower --learning_rate, or use "
                 "--mixed_precision bf16 instead of fp16; --max_nonfinite_in_a_row sets the limit.")
 
@@ -294,6 +294,9 @@ class Trainer:
             write_file_atomic(staging / STATE_FILE, self.state.to_json())
             write_manifest(staging, self.state.step)
             commit_directory(staging, target)
+            for stale in [p for p in list_checkpoints(root) if checkpoint_step(p) > self.state.step]:
+                logger.warning("Removed %s: it continues a run this one resumed before and replaced.", stale)
+                shutil.rmtree(stale)
             for old in list_checkpoints(root)[:-self.config.save_total_limit]:
                 shutil.rmtree(old)
         accelerator.wait_for_everyone()
