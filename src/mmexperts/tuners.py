@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import re
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -45,12 +45,14 @@ class TowerAdapterConfig(PeftConfig):
             self.target_modules = sorted(self.target_modules)
         for spec in fields(self):  # every number field holds a real, finite number of its declared kind
             value, kind = getattr(self, spec.name), str(spec.type)
-            if value is None or kind.startswith("list") or kind.startswith("bool"):
+            if not kind.startswith(("int", "float")):
                 continue
-            if kind.startswith("int") and (not isinstance(value, int) or isinstance(value, bool)):
+            if value is None:
+                if "None" not in kind:
+                    raise ConfigError(spec.name, f"{spec.name} must be a number, got None.")
+            elif kind.startswith("int") and (not isinstance(value, int) or isinstance(value, bool)):
                 raise ConfigError(spec.name, f"{spec.name} must be an integer, got {value!r}.")
-            if kind.startswith("float") and (not isinstance(value, (int, float)) or isinstance(value, bool)
-                                             or not math.isfinite(value)):
+            elif kind.startswith("float") and not _finite_number(value):
                 raise ConfigError(spec.name, f"{spec.name} must be a finite number, got {value!r}.")
         for name in ("vision_hidden_size", "text_hidden_size"):
             self.check_int(name, 1, optional=True)
@@ -89,9 +91,8 @@ class TowerAdapterConfig(PeftConfig):
                     high_open: bool = False) -> None:
         """Refuse a field outside ``low`` .. ``high`` (open ends where asked); NaN and inf never pass."""
         value = getattr(self, name)
-        inside = (value > low if low_open else value >= low) and (
-            high is None or (value < high if high_open else value <= high))
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and inside:
+        if _finite_number(value) and (value > low if low_open else value >= low) and (
+                high is None or (value < high if high_open else value <= high)):
             return
         if high is None:
             expected = f"a finite number {'>' if low_open else '>='} {low:g}"
@@ -103,6 +104,16 @@ class TowerAdapterConfig(PeftConfig):
         """Refuse a field that is not one of ``choices``."""
         if getattr(self, name) not in choices:
             raise ConfigError(name, f"{name} must be one of {choices}, got {getattr(self, name)!r}.")
+
+
+def _finite_number(value) -> bool:
+    """A real number (not a bool) that is finite as a float."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond float range
+        return False
 
 
 class TwoTowerTuner(BaseTuner):
@@ -259,13 +270,24 @@ class TwoTowerTuner(BaseTuner):
             setattr(peft_config, f"{modality}_hidden_size", actual)
         count = self.estimated_parameters(peft_config)
         if count > MAX_ADAPTER_PARAMETERS:
+            name = self._largest_size_field(peft_config)
             raise ConfigError(
-                self.size_fields[0], f"This {self.method_name} config would create about {count:,} adapter parameters "
+                name, f"This {self.method_name} config would create about {count:,} adapter parameters "
                 f"({count * 4 / 2**30:.1f} GiB in float32), above the limit of {MAX_ADAPTER_PARAMETERS:,}; lower "
-                f"{', '.join(self.size_fields)}."
+                f"{name} (now {getattr(peft_config, name):,})."
             )
 
-    size_fields: tuple[str, ...] = ("num_experts",)
+    def _largest_size_field(self, peft_config) -> str:
+        """The integer field whose reset to its default shrinks the adapter the most."""
+        sizes = {}
+        for spec in fields(peft_config):
+            value = getattr(peft_config, spec.name)
+            if str(spec.type).startswith("int") and isinstance(value, int) and value != spec.default:
+                try:
+                    sizes[spec.name] = self.estimated_parameters(replace(peft_config, **{spec.name: spec.default}))
+                except (ConfigError, TypeError):  # a default that is invalid beside the other fields
+                    continue
+        return min(sizes, key=sizes.get) if sizes else "num_experts"
 
     def estimated_parameters(self, peft_config) -> int:
         """About how many parameters the adapter adds to this model (checked before anything is allocated)."""

@@ -116,8 +116,6 @@ class AltMoEModel(TwoTowerTuner):
             peft_config.target_modules = [towers["text"].block_names[-1]]
         return peft_config
 
-    size_fields = ("num_experts", "hidden_size", "expert_hidden_size")
-
     def estimated_parameters(self, peft_config: AltMoEConfig) -> int:
         c = peft_config
         width, inner = c.hidden_size, c.expert_hidden_size or c.hidden_size

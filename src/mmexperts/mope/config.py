@@ -69,6 +69,11 @@ class MoPEConfig(TowerAdapterConfig):
         for name in ("router_noise_std", "importance_loss_weight", "importance_threshold"):
             self.check_float(name, 0)
         self.check_float("prompt_dropout", 0, 1, high_open=True)
+        layers = self.routed_layers
+        if layers is not None and (not isinstance(layers, (list, tuple)) or not layers or any(
+                not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in layers)):
+            raise ConfigError("routed_layers", f"routed_layers must be a non-empty list of block indices (integers "
+                              f">= 0) or None for every block, got {layers!r}.")
 
     @property
     def complementary_tower(self) -> str:

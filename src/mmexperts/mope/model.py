@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..conditioning import complementary_first
+from ..errors import ConfigError
 from ..tuners import TwoTowerTuner
 from .config import MoPEConfig
 from .layer import DEEP, ROUTED, MoPELayer
@@ -30,8 +31,8 @@ class MoPEModel(TwoTowerTuner):
             layers = list(range(len(prompted.blocks)))
         bad = [i for i in layers if not isinstance(i, int) or not 0 <= i < len(prompted.blocks)]
         if bad or not layers:
-            raise ValueError(f"routed_layers must be indices in [0, {len(prompted.blocks)}) of the "
-                             f"{peft_config.prompted_tower} tower's blocks, got {peft_config.routed_layers!r}.")
+            raise ConfigError("routed_layers", f"routed_layers must be indices in [0, {len(prompted.blocks)}) of the "
+                              f"{peft_config.prompted_tower} tower's blocks, got {peft_config.routed_layers!r}.")
         if peft_config.target_modules is None:
             targets = [prompted.block_names[i] for i in sorted(layers)]
             if peft_config.complementary_prompt_length:
@@ -41,8 +42,6 @@ class MoPEModel(TwoTowerTuner):
         if heads:
             peft_config.modules_to_save = sorted(set(peft_config.modules_to_save or []) | set(heads))
         return peft_config
-
-    size_fields = ("num_experts", "prompt_length", "mapper_hidden_size")
 
     def estimated_parameters(self, peft_config: MoPEConfig) -> int:
         c = peft_config

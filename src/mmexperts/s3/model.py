@@ -12,6 +12,7 @@ from transformers.loss.loss_utils import ForSequenceClassificationLoss
 
 from ..moe.utility import (UTILITY_CRITERIA, check_mask, gate_mass, gate_output_norm, leave_one_out,
                            prune_to_sparsity, usage_frequency)
+from ..errors import ConfigError
 from ..tuners import MODALITIES, TwoTowerTuner
 from .config import S3Config
 from .layer import S3Layer, S3Output
@@ -42,8 +43,8 @@ class S3Model(TwoTowerTuner):
     def _token_block(self, modality: str, config: S3Config) -> str:
         names = self.towers[modality].block_names
         if not -len(names) <= config.token_layer < len(names):
-            raise ValueError(f"token_layer must index one of the {len(names)} blocks of the {modality} tower, got "
-                             f"{config.token_layer}.")
+            raise ConfigError("token_layer", f"token_layer must index one of the {len(names)} blocks of the "
+                              f"{modality} tower, got {config.token_layer}.")
         return names[config.token_layer]
 
     def _prepare_adapter_config(self, peft_config: S3Config, model_config: dict) -> S3Config:
@@ -56,8 +57,6 @@ class S3Model(TwoTowerTuner):
         if peft_config.ssl_loss_weight is None:  # without a head, the self-supervised loss is what trains the experts
             peft_config.ssl_loss_weight = 0.0 if peft_config.num_labels else 1.0
         return peft_config
-
-    size_fields = ("num_experts", "latent_dim", "expert_hidden_dim", "expert_dim", "num_tasks")
 
     def estimated_parameters(self, peft_config: S3Config) -> int:
         c = peft_config
@@ -89,7 +88,8 @@ class S3Model(TwoTowerTuner):
         return {layer.modality: layer for layer in self.tuner_layers()}
 
     def call_hooks(self, inputs: dict, adapter_names: list[str]):
-        return _without_task_ids(self.model)
+        with_heads = any(self.peft_config[name].num_labels for name in adapter_names)
+        return _without_s3_inputs(self.model, ("task_ids", "labels") if with_heads else ("task_ids",))
 
     def compute(self, adapter_name: str) -> S3Output | None:
         """S3 over the tokens recorded in the current call, for one adapter (None if a tower did not run)."""
@@ -161,7 +161,7 @@ class S3Model(TwoTowerTuner):
         collected = {"routing_weights": [], "concept_embeds": [], "logits": [], "labels": []}
         try:
             for batch in batches:
-                with self.calling(batch), _without_task_ids(self.model):
+                with self.calling(batch), _without_s3_inputs(self.model, ("task_ids", "labels")):
                     self.model(**batch)
                     result = self.compute(name)
                 if result is None:
@@ -247,16 +247,15 @@ class S3Model(TwoTowerTuner):
         return params + ([core.head_weight, core.head_bias] if core.num_labels else [])
 
 
-def _drop_task_ids(module, args, kwargs):
-    if "task_ids" in kwargs:
-        kwargs = {k: v for k, v in kwargs.items() if k != "task_ids"}
-    return args, kwargs
-
-
 @contextmanager
-def _without_task_ids(model: nn.Module):
-    """``task_ids`` is S3's: the base model never sees it."""
-    handle = model.register_forward_pre_hook(_drop_task_ids, with_kwargs=True, prepend=True)
+def _without_s3_inputs(model: nn.Module, names: tuple[str, ...]):
+    """``task_ids`` is S3's, and so are ``labels`` when S3's heads give the logits (the base model's own head may
+    have other classes): the base model never sees them."""
+
+    def drop(module, args, kwargs):
+        return args, {k: v for k, v in kwargs.items() if k not in names}
+
+    handle = model.register_forward_pre_hook(drop, with_kwargs=True, prepend=True)
     try:
         yield
     finally:
