@@ -9,13 +9,21 @@ import warnings
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="mmexperts-hf-home-")  # tests never touch a real cache
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
-from transformers import (BertConfig, CLIPConfig, CLIPModel, SiglipConfig, SiglipModel, ViTConfig,
-                          VisionTextDualEncoderConfig, VisionTextDualEncoderModel)
+from safetensors.torch import load_file
+from transformers import (BertConfig, BertModel, CLIPConfig, CLIPModel, SiglipConfig, SiglipModel, ViTConfig,
+                          ViTImageProcessor, ViTModel, VisionTextDualEncoderConfig, VisionTextDualEncoderModel)
 
 import mmexperts  # noqa: F401  (registers the PEFT types)
 from mmexperts import VisionTextModelForClassification
+from mmexperts.data.synthetic import build_tokenizer
+from mmexperts.training import TrainConfig
 
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
 
@@ -128,3 +136,65 @@ def fake_hub(monkeypatch) -> FakeHub:
     monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, *a, **k: hub.create_repo(repo_id))
     monkeypatch.setattr(HfApi, "upload_folder", lambda self, *a, **k: hub.upload_folder(*a, **k))
     return hub
+
+
+# ---- the training recipe on tiny local backbones ------------------------------------------------------------------
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def backbones(tmp_path_factory) -> tuple[str, str]:
+    """Tiny random ViT and BERT folders with their image processor and tokenizer (no pretraining, no download)."""
+    folder = tmp_path_factory.mktemp("backbones")
+    torch.manual_seed(0)
+    ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                       image_size=32, patch_size=8)).save_pretrained(folder / "vision")
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder / "vision")
+    tokenizer = build_tokenizer()
+    BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=37, max_position_embeddings=64)).save_pretrained(folder / "text")
+    tokenizer.save_pretrained(folder / "text")
+    return str(folder / "vision"), str(folder / "text")
+
+
+def tiny_config(backbones, output_dir, **overrides) -> TrainConfig:
+    vision, text = backbones
+    values = dict(vision_model=vision, text_model=text, output_dir=str(output_dir), train_size=64, eval_size=32,
+                  batch_size=8, eval_batch_size=16, max_steps=6, warmup_steps=1, eval_steps=3, save_steps=3,
+                  logging_steps=1, learning_rate=1e-2, method_config={"init_weights": False},
+                  unimodal_baselines=False)
+    return TrainConfig(**{**values, **overrides})
+
+
+def adapter_weights(folder) -> dict[str, torch.Tensor]:
+    return load_file(Path(folder) / "adapter_model.safetensors")
+
+
+def launch_env() -> dict:
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=str(ROOT / "src"))
+    for variable in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+        env.pop(variable, None)
+    return env
+
+
+def train_on_two_cpu_processes(tmp_path, vision: str, text: str, *args: str) -> tuple[dict, dict]:
+    """Train through `accelerate launch --cpu` with OpenMPI; check both ranks end with identical adapter weights and
+    return (initial, final) weights of rank 0."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=2\n")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+               "--num_machines", "1", "--mpirun_hostfile", str(hostfile), "--num_cpu_threads_per_process", "1",
+               str(ROOT / "tests" / "scripts" / "train_and_dump_ranks.py"),
+               "--vision_model", vision, "--text_model", text, "--output_dir", str(tmp_path / "run"),
+               "--train_size", "64", "--eval_size", "32", "--batch_size", "8", "--max_steps", "4",
+               "--eval_steps", "2", "--save_steps", "2", "--warmup_steps", "1", "--learning_rate", "1e-2",
+               "--no_unimodal_baselines", *args]
+    run = subprocess.run(command, env=launch_env(), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    ranks = [load_file(tmp_path / "run" / f"rank_{rank}.safetensors") for rank in (0, 1)]
+    assert json.loads((tmp_path / "run" / "world.json").read_text())["num_processes"] == 2
+    assert ranks[0].keys() == ranks[1].keys() and ranks[0]
+    for key in ranks[0]:
+        torch.testing.assert_close(ranks[0][key], ranks[1][key], rtol=0, atol=0)
+    return load_file(tmp_path / "run" / "rank_0_initial.safetensors"), ranks[0]

@@ -15,7 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from mmexperts import FeatureEncoderConfig, FeatureEncoderForClassification, S3Config
 from mmexperts.s3.sweep import SweepConfig, evaluate, fit, sparsity_sweep
 from mmexperts.training import method_config, train
-from test_training import backbones, tiny_config  # noqa: F401  (the recipe's tiny local backbones fixture)
+from conftest import tiny_config
 
 TOKENS, DIM = 4, 8
 

@@ -16,10 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import BertConfig, BertModel, ViTConfig, ViTImageProcessor, ViTModel
 
-from mmexperts.data.synthetic import build_tokenizer
 from mmexperts.training import list_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,21 +26,6 @@ MAX_STEPS, SAVE_STEPS, KILL_STEP = 12, 2, 6
 ADAPTER_FILE = "adapter_model.safetensors"
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
-
-
-@pytest.fixture(scope="module")
-def backbones(tmp_path_factory) -> tuple[str, str]:
-    """Tiny random ViT and BERT folders with their image processor and tokenizer (no pretraining, no download)."""
-    folder = tmp_path_factory.mktemp("backbones")
-    torch.manual_seed(0)
-    ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
-                       image_size=32, patch_size=8)).save_pretrained(folder / "vision")
-    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder / "vision")
-    tokenizer = build_tokenizer()
-    BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         intermediate_size=37, max_position_embeddings=64)).save_pretrained(folder / "text")
-    tokenizer.save_pretrained(folder / "text")
-    return str(folder / "vision"), str(folder / "text")
 
 
 def start(backbones, output_dir: Path, *extra: str, kill: str | None = None) -> subprocess.Popen:
