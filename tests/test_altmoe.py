@@ -1,4 +1,5 @@
-"""Alt-MoE as a PEFT method: outputs on CLIP / dual encoder / SigLIP, padding, PEFT behaviours, cache, bad input."""
+"""Alt-MoE-specific behaviour: outputs on CLIP / dual encoder / SigLIP, token features, init, dispatch, feature cache,
+bad input. The generic PEFT behaviours of every (method, base) row are in tests/test_peft_conformance.py."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from peft import PeftModel
 from torch import nn
 
 from conftest import HIDDEN, make_batch, make_clip, make_dual_encoder, make_siglip
-from mmexperts import AltMoEConfig, TowerDiscoveryError, push_adapter_to_hub
+from mmexperts import AltMoEConfig, TowerDiscoveryError
 from mmexperts.altmoe.features import CachedFeatures, FeatureConnector, cache_features
 
 FACTORIES = {"clip": make_clip, "dual_encoder": make_dual_encoder, "siglip": make_siglip}
@@ -65,38 +66,6 @@ def test_token_features_are_the_mean_of_the_last_two_hidden_layers():
     torch.testing.assert_close(features.text_mask, batch["attention_mask"])
 
 
-@pytest.mark.parametrize("kind", ["clip", "dual_encoder"])
-def test_padding_does_not_change_outputs(kind):
-    model = make(kind)
-    batch = inputs()
-    padded = dict(batch)
-    padded["input_ids"] = torch.cat([batch["input_ids"], torch.ones(4, 3, dtype=torch.long)], 1)
-    padded["attention_mask"] = torch.cat([batch["attention_mask"], torch.zeros(4, 3, dtype=torch.long)], 1)
-    with torch.no_grad():
-        short, long = model(**batch), model(**padded)
-    for name in ("image_embeds", "text_embeds"):
-        torch.testing.assert_close(getattr(long, name), getattr(short, name), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(long.text_to_image.latent, short.text_to_image.latent, atol=1e-5, rtol=1e-5)
-
-
-def test_only_connector_parameters_train_and_disable_gives_the_base():
-    model = make("clip").train()
-    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if "altmoe_" not in n}
-    before = connector_params(model)
-    assert all(p.requires_grad == ("altmoe_" in n) for n, p in model.named_parameters())
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model(**inputs(), return_loss=True).loss.backward()
-    optimizer.step()
-    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
-    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)
-    model.eval()
-    with torch.no_grad(), model.disable_adapter():
-        disabled = model(**inputs())
-    expected = make_clip()(**inputs())
-    torch.testing.assert_close(disabled.image_embeds, expected.image_embeds)
-    assert "image_to_text" not in disabled
-
-
 def test_init_weights_makes_each_routed_branch_a_residual_identity():
     model = make("clip", init_weights=True)
     connector = model.base_model.connector()
@@ -107,35 +76,6 @@ def test_init_weights_makes_each_routed_branch_a_residual_identity():
         torch.testing.assert_close(out, tokens + connector.task_embeds[branch])
     assert not torch.equal(make("clip", init_weights=False).base_model.connector().norms["regression"].weight,
                            torch.zeros(WIDTH))
-
-
-def test_save_load_and_hub_round_trip(tmp_path, fake_hub):
-    model = make("clip", seed=3)
-    with torch.no_grad():
-        expected = model(**inputs())
-    model.save_pretrained(tmp_path / "adapter")
-    loaded = PeftModel.from_pretrained(make_clip(), tmp_path / "adapter").eval()
-    push_adapter_to_hub(model, "someone/altmoe-tiny")
-    hub = PeftModel.from_pretrained(make_clip(), "someone/altmoe-tiny").eval()
-    for other in (loaded, hub):
-        with torch.no_grad():
-            got = other(**inputs())
-        torch.testing.assert_close(got.image_embeds, expected.image_embeds, rtol=0, atol=0)
-        torch.testing.assert_close(got.text_to_image.latent, expected.text_to_image.latent, rtol=0, atol=0)
-    (upload,) = fake_hub.uploads
-    assert b"Alt-MoE" in upload["files"]["README.md"] and b"library_name: peft" in upload["files"]["README.md"]
-    assert b'"peft_type": "ALTMOE"' in upload["files"]["adapter_config.json"]
-
-
-def test_delete_and_unload_restore_the_base():
-    model = make("clip")
-    model.add_adapter("other", AltMoEConfig(num_experts=2, top_k=1, hidden_size=8))
-    model.delete_adapter("other")
-    assert not any(".other." in n for n, _ in model.named_parameters())
-    reference = make_clip()
-    base = model.unload()
-    assert not any("altmoe_" in n for n, _ in base.named_parameters())
-    assert base.state_dict().keys() == reference.state_dict().keys()
 
 
 def test_sparse_and_dense_dispatch_and_the_pooled_variant():
@@ -164,15 +104,6 @@ def test_training_on_cached_features_equals_running_the_towers(tmp_path):
     torch.testing.assert_close(results[1][0], results[0][0], atol=1e-6, rtol=1e-6)
     for name, value in results[0][1].items():
         torch.testing.assert_close(results[1][1][name], value, atol=1e-6, rtol=1e-6)
-
-
-def test_base_called_without_its_peft_model_refuses_clearly():
-    model = make("clip")
-    with pytest.raises(ValueError, match="Alt-MoE layer ran outside its PeftModel's forward call"):
-        model.get_base_model()(**inputs())
-    injected = peft.inject_adapter_in_model(AltMoEConfig(hidden_size=WIDTH, num_experts=4, top_k=2), make_clip())
-    with pytest.raises(ValueError, match="Call the model through its PeftModel"):
-        injected(**inputs())
 
 
 def test_bad_input_fails_clearly(tmp_path):

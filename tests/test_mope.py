@@ -66,6 +66,24 @@ def test_padded_sample_matches_unpadded(family, tower):
     torch.testing.assert_close(single.routing_weights[:, 0], full.routing_weights[:, row], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["classifier", "dual_encoder"])
+def test_token_ids_under_padding_do_not_reach_text_prompts(family):
+    """With the text tower prompted, other token ids under the padding change nothing (the vision-prompted case of
+    every base is in tests/test_peft_conformance.py)."""
+    model = peft.get_peft_model(MODEL_FACTORIES[family](), MoPEConfig(prompted_tower="text", init_weights=False))
+    model.eval()
+    batch = make_batch(with_labels=False)
+    padding = batch["attention_mask"] == 0
+    changed = dict(batch, input_ids=batch["input_ids"].clone())
+    changed["input_ids"][padding] = torch.randint(5, 99, (int(padding.sum()),),
+                                                  generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected, got = model(**batch), model(**changed)
+    for name in EMBEDDINGS[family]:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-5)
+    torch.testing.assert_close(got.routing_weights, expected.routing_weights, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("tower", ["vision", "text"])
 def test_routing_weights_and_aux_loss(tower):
     model = peft.get_peft_model(make_classifier(), MoPEConfig(prompted_tower=tower, num_experts=5, init_weights=False))
@@ -207,9 +225,3 @@ def test_adapters_must_prompt_the_same_tower():
     model = peft.get_peft_model(make_classifier(), MoPEConfig(prompted_tower="vision"))
     with pytest.raises(ValueError, match="same tower"):
         model.add_adapter("other", MoPEConfig(prompted_tower="text"))
-
-
-def test_merge_is_unsupported_with_a_clear_error():
-    model = peft.get_peft_model(make_classifier(), MoPEConfig())
-    with pytest.raises(NotImplementedError, match="cannot be merged"):
-        model.merge_and_unload()

@@ -47,7 +47,7 @@ class CallContext:
         """Refuse to run an adapter layer outside its PeftModel's call."""
         if not self.running:
             raise ValueError(
-                f"A {method_name} layer ran outside its PeftModel's forward call, which computes what the layers "
+                f"{method_name} layers ran outside their PeftModel's forward call, which computes what the layers "
                 f"share per call (a sub-model or feature method of the base called directly, or {method_name} layers "
                 "injected with peft.inject_adapter_in_model / transformers' load_adapter). Call the model through "
                 "its PeftModel (peft.get_peft_model or PeftModel.from_pretrained) with both modalities, e.g. "

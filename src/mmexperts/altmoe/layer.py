@@ -83,8 +83,9 @@ class AltMoEConnector(nn.Module):
         """``gelu(LN(MoE(z + e_branch))) + z + e_branch`` over real tokens, routed through the shared gate."""
         routed = tokens + self.task_embeds[branch]
         gate = self.router(routed[real])
-        mixed = tokens.new_zeros(routed.shape)
-        mixed[real] = self.experts(routed[real], gate.weights)
+        experts = self.experts(routed[real], gate.weights)
+        mixed = experts.new_zeros(routed.shape)  # the experts' dtype, which autocast may lower
+        mixed[real] = experts
         balance = switch_balance_loss(gate.logits.softmax(-1)) if gate.logits.shape[0] else routed.new_zeros(())
         return F.gelu(self.norms[branch](mixed)) + routed, gate.weights, balance
 
