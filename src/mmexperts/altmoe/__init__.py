@@ -2,7 +2,8 @@
 
 from .config import AltMoEConfig
 from .layer import AltMoEConnector, AltMoELayer, DirectionPrediction
-from .model import AltMoEModel, AltMoEOutput, TokenFeatures
+from .model import AltMoEModel
+from .outputs import AltMoEOutput, TokenFeatures
 
 __all__ = ["AltMoEConfig", "AltMoEConnector", "AltMoELayer", "AltMoEModel", "AltMoEOutput", "DirectionPrediction",
            "TokenFeatures"]

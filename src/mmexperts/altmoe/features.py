@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 
 from ..atomic import atomic_directory
 from ..errors import CorruptFileError
-from .model import AltMoEModel, AltMoEOutput
+from .model import AltMoEModel
+from .outputs import AltMoEOutput
 
 FEATURES_FILE = "features.safetensors"
 FEATURE_KEYS = ("image_tokens", "image_mask", "text_tokens", "text_mask")

@@ -3,77 +3,19 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.utils import ModelOutput
 
 from ..moe import info_nce
-from ..towers import Tower, masked_mean
+from ..towers import masked_mean
 from ..tuners import MODALITIES, TwoTowerTuner
 from .config import DIRECTIONS, AltMoEConfig
-from .layer import BRANCHES, SOURCE, TARGET, AltMoEConnector, AltMoELayer, DirectionPrediction, check_direction
+from .layer import BRANCHES, SOURCE, TARGET, AltMoEConnector, AltMoELayer, check_direction
+from .outputs import AltMoEOutput, TokenFeatures, regression_loss, tap_last_block
 
 ALIGNED_KEYS = ("image_embeds", "text_embeds", "logits_per_image", "logits_per_text")
-
-
-@dataclass
-class TokenFeatures:
-    """Per-token features of both towers (mean of their last two hidden layers) with masks of the real tokens."""
-
-    image_tokens: torch.Tensor
-    image_mask: torch.Tensor
-    text_tokens: torch.Tensor
-    text_mask: torch.Tensor
-
-
-@dataclass
-class AltMoEOutput(ModelOutput):
-    """Connector output. ``image_embeds`` / ``text_embeds`` are aligned so that their dot product is the mean of the
-    two directions' cosine similarities; ``logits_per_image`` / ``logits_per_text`` are it over the temperature.
-    ``image_to_text`` / ``text_to_image`` hold each direction's own prediction (None for a direction not run);
-    ``routing_weights`` (sites, batch, K) the gate weights averaged over each example's real tokens, one site per
-    direction run and branch (contrastive, regression)."""
-
-    loss: torch.Tensor | None = None
-    logits_per_image: torch.Tensor | None = None
-    logits_per_text: torch.Tensor | None = None
-    image_embeds: torch.Tensor | None = None
-    text_embeds: torch.Tensor | None = None
-    image_to_text: DirectionPrediction | None = None
-    text_to_image: DirectionPrediction | None = None
-    image_target_embeds: torch.Tensor | None = None
-    text_target_embeds: torch.Tensor | None = None
-    aux_loss: torch.Tensor | None = None
-    routing_weights: torch.Tensor | None = None
-
-
-def regression_loss(prediction: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
-    """Latent regression onto the (frozen, detached) target tower's pooled features."""
-    target = target.detach()
-    return F.smooth_l1_loss(prediction, target) if kind == "smooth_l1" else F.mse_loss(prediction, target)
-
-
-def _hidden(value) -> torch.Tensor:
-    return value[0] if isinstance(value, (tuple, list)) else value
-
-
-@contextmanager
-def tap_last_block(tower: Tower, receive):
-    """While active, hand ``(hidden_states[-2] + hidden_states[-1]) / 2`` of ``tower`` (its last block's input and
-    output) to ``receive`` each time the tower runs."""
-
-    def hook(module, args, kwargs, output):
-        inputs = args[0] if args else kwargs["hidden_states"]
-        receive((inputs + _hidden(output)) / 2)
-
-    handle = tower.blocks[-1].register_forward_hook(hook, with_kwargs=True)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 class AltMoEModel(TwoTowerTuner):
