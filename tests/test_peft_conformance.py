@@ -1090,6 +1090,24 @@ def test_adapter_outside_its_peft_model(case):
     assert_same(run(model.get_base_model(), case), run(model, case))
 
 
+@ALL
+def test_transformers_adapter_api(case):
+    """transformers' own adapter methods on the base (``add_adapter``, ``active_adapters``, ``disable_adapters``,
+    ``enable_adapters``, ``delete_adapter``) go through PEFT's injection: the layers are added and switched, and a
+    forward refuses clearly, as any adapter outside its PeftModel."""
+    base_outputs = run(case.make_base(), case)
+    base = case.make_base().eval()
+    base.add_adapter(case.make_config(), adapter_name="mine")
+    assert base.active_adapters() == ["mine"] and len(tuner_layers(case, base)) == case.spec.num_layers
+    with pytest.raises((ValueError, RuntimeError), match="PeftModel"):
+        base(**case.make_batch())
+    base.disable_adapters()
+    assert_same(run(base, case), base_outputs)
+    base.enable_adapters()
+    base.delete_adapter("mine")
+    assert_same(run(base, case), base_outputs)
+
+
 # ------------------------------------------------------------------------------------------------ copies, configs
 
 
