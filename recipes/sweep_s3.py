@@ -14,7 +14,11 @@ from pathlib import Path
 import yaml
 from transformers import HfArgumentParser
 
+from mmexperts.errors import MMExpertsError
 from mmexperts.s3.sweep import SweepConfig, sparsity_sweep
+
+# Errors a user fixes by changing the command line, the data or the output folder (not bugs): one line, no traceback.
+USER_ERRORS = (MMExpertsError, FileNotFoundError, NotADirectoryError, ConnectionError)
 
 
 def parse(argv: list[str]) -> SweepConfig:
@@ -35,7 +39,11 @@ def parse(argv: list[str]) -> SweepConfig:
 
 
 if __name__ == "__main__":
-    result = sparsity_sweep(parse(sys.argv[1:]))
+    try:
+        result = sparsity_sweep(parse(sys.argv[1:]))
+    except USER_ERRORS as error:
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+        sys.exit(2)
     print("| sparsity | pruned | test accuracy (mean ± std) | seeds |\n| --- | --- | --- | --- |")
     for row in result["summary"]:
         print(f"| {row['sparsity']:.3f} | {row['pruned']} | {row['mean']:.4f} ± {row['std']:.4f} | {row['seeds']} |")

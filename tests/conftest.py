@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import (BertConfig, BertModel, CLIPConfig, CLIPModel, SiglipConfig, SiglipModel, ViTConfig,
-                          ViTImageProcessor, ViTModel, VisionTextDualEncoderConfig, VisionTextDualEncoderModel)
+                          ViTImageProcessorPil, ViTModel, VisionTextDualEncoderConfig, VisionTextDualEncoderModel)
 
 import mmexperts  # noqa: F401  (registers the PEFT types)
 from mmexperts import VisionTextModelForClassification
@@ -149,7 +149,7 @@ def backbones(tmp_path_factory) -> tuple[str, str]:
     torch.manual_seed(0)
     ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
                        image_size=32, patch_size=8)).save_pretrained(folder / "vision")
-    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder / "vision")
+    ViTImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(folder / "vision")
     tokenizer = build_tokenizer()
     BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                          intermediate_size=37, max_position_embeddings=64)).save_pretrained(folder / "text")

@@ -150,7 +150,7 @@ def test_trainer_start_up_recovers_best_from_an_interrupted_swap(backbones, fini
     folder = copy_run(finished_run, tmp_path)
     best = adapter_weights(folder / "best")
     os.replace(folder / "best", folder / f".best.old-{2**22 + 7}")
-    Trainer(tiny_config(backbones, folder)).setup()
+    Trainer(tiny_config(backbones, folder, resume_from_checkpoint="latest")).setup()
     for key, value in adapter_weights(folder / "best").items():
         assert torch.equal(value, best[key])
 

@@ -8,6 +8,7 @@ uploads the adapter and its config under transformers' generic card); nothing in
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -15,37 +16,137 @@ from pathlib import Path
 from huggingface_hub import HfApi, ModelCard
 from peft import PeftModel
 
+from .atomic import write_file_atomic
+
 
 TEMPLATES = Path(__file__).parent / "model_cards"
 LIBRARY_TAG = "mmexperts"
+BACKBONE_REPORT = "report.json"  # written by mmexperts.data.backbones next to the synthetic towers it builds
+PROBE_NOTE = ("`vision_only_*` and `text_only_*` are single-modality baselines: a linear probe fitted on the pooled "
+              "features of one frozen tower alone (adapter disabled, no fusion), trained on the training split and "
+              "scored on the same evaluation split as the adapter.")
+
+
+def _is_local(name: str) -> bool:
+    return bool(name) and os.path.isdir(name)
+
+
+def base_model_names(base) -> dict[str, str]:
+    """What the adapter's base model was built from: ``{"base": name}`` for a model loaded whole with
+    ``from_pretrained``, else ``{"vision": name, "text": name}`` for two towers loaded one by one (as the recipe does);
+    local folders as absolute paths. Empty when nothing was recorded (a model built from configs)."""
+    config = base.config
+    names = {"base": getattr(config, "_name_or_path", "") or ""}
+    if not names["base"]:
+        names = {tower: getattr(getattr(config, f"{tower}_config", None), "_name_or_path", "") or ""
+                 for tower in ("vision", "text")}
+    return {key: str(Path(name).resolve()) if _is_local(name) else name for key, name in names.items() if name}
+
+
+def _describe(name: str) -> str:
+    """One tower or base: its Hub id, or its local folder (and how to rebuild it when mmexperts built it)."""
+    if not _is_local(name):
+        return f"[`{name}`](https://huggingface.co/{name})"
+    report_file = Path(name).parent / BACKBONE_REPORT
+    try:
+        report = json.loads(report_file.read_text())
+    except (OSError, ValueError):
+        return f"`{name}` (a local folder; the snippet below loads it from there)"
+    return (f"`{name}` (a tiny backbone pretrained offline by mmexperts; "
+            f"`mmexperts.data.backbones.pretrained_backbones(seed={report.get('seed')}, "
+            f"image_size={report.get('image_size')})` rebuilds it identically anywhere)")
+
+
+def _import_line(cls: type) -> str:
+    import mmexperts
+    import transformers
+
+    for package in (mmexperts, transformers):
+        if getattr(package, cls.__name__, None) is cls:
+            return f"from {package.__name__} import {cls.__name__}"
+    return f"from {cls.__module__} import {cls.__name__}"
+
+
+def _base_snippet(base, names: dict[str, str]) -> str:
+    """Python lines that rebuild the base model exactly as the adapter needs it, defining ``vision``, ``text`` (the
+    towers' processor and tokenizer sources) and ``base``."""
+    cls, config = type(base), base.config
+    lines = [_import_line(cls), ""]
+    if "base" in names:
+        lines += [f"vision = text = {names['base']!r}",
+                  f"base = {cls.__name__}.from_pretrained(vision)"]
+    elif {"vision", "text"} <= set(names) and hasattr(cls, "from_vision_text_pretrained"):
+        keywords = {}
+        if hasattr(config, "classifier_input"):  # the head's shape and task must match the saved head
+            keywords = {"num_labels": config.num_labels, "problem_type": config.problem_type,
+                        "classifier_input": config.classifier_input, "id2label": dict(config.id2label)}
+        elif getattr(config, "projection_dim", None) not in (None, 512):
+            keywords = {"projection_dim": config.projection_dim}
+        lines += [f"vision, text = {names['vision']!r}, {names['text']!r}  # the frozen towers it was trained on",
+                  f"base = {cls.__name__}.from_vision_text_pretrained(vision, text" + "".join(
+                      f",\n    {key}={value!r}" for key, value in keywords.items()) + ")"]
+    else:
+        lines += ['vision = text = "path/to/base"  # the base model the adapter was trained on (not recorded)',
+                  f"base = {cls.__name__}.from_pretrained(vision)"]
+    return "\n".join(lines)
+
+
+def _metric_rows(metrics: dict) -> list[tuple[str, object]]:
+    """The card's evaluation rows; single-modality figures are marked as frozen linear probes."""
+    rows = []
+    for key, value in metrics.items():
+        tower = next((t for t in ("vision", "text") if key.startswith(f"{t}_only_")), None)
+        rows.append((f"{key} (frozen linear probe, {tower} tower alone)" if tower else key, value))
+    return rows
 
 
 def write_model_card(model: PeftModel, folder: str | os.PathLike, repo_id: str | None = None,
                      adapter_name: str = "default", dataset: str | None = None, metrics: dict | None = None,
-                     routing_plot: str | None = None, tags: list[str] | None = None) -> ModelCard:
-    """Render the method's card template over the README that PEFT wrote into ``folder`` (keeping its metadata)."""
+                     routing_plot: str | None = None, tags: list[str] | None = None,
+                     adapter_path: str | None = None, for_hub: bool = False) -> ModelCard:
+    """Render the method's card template over the README that PEFT wrote into ``folder`` (keeping its metadata).
+
+    ``base_model`` names what the base was built from (its Hub ids, or local folders as absolute paths; for the Hub,
+    ``for_hub=True``, local paths stay out of the metadata, which takes model ids only, and are named in the text).
+    "How to use" rebuilds that base and loads the adapter from ``adapter_path`` (default: ``repo_id``, else
+    ``folder``), and runs as written.
+    """
     config = model.peft_config[adapter_name]
     method = config.peft_type.value.lower()
     readme = Path(folder) / "README.md"
     card_data = ModelCard.load(readme).data if readme.exists() else ModelCard("").data
     card_data.library_name = "peft"
-    card_data.tags = sorted(set(card_data.tags or []) | {LIBRARY_TAG, method, "peft", "mixture-of-experts"}
-                            | set(tags or []))
+    names = base_model_names(model.get_base_model())
+    listed = [name for name in dict.fromkeys(names.values()) if not (for_hub and _is_local(name))]
+    card_data.base_model = listed or None  # never an empty base_model: the Hub refuses it
+    card_data.base_model_relation = "adapter" if listed else None
+    # PEFT tags 'base_model:adapter:<name>' (empty for a base built from configs); the Hub derives these tags from
+    # base_model itself, so PEFT's are dropped rather than left empty or pointing at a local path.
+    card_data.tags = sorted({tag for tag in card_data.tags or [] if not tag.startswith("base_model:")}
+                            | {LIBRARY_TAG, method, "peft", "mixture-of-experts"} | set(tags or []))
     if dataset:
         card_data.datasets = [dataset]
     trainable, total = model.get_nb_trainable_parameters()
     skipped = {"peft_type", "task_type", "auto_mapping", "revision", "inference_mode", "target_modules"}
     rows = [(k, v) for k, v in sorted(config.to_dict().items()) if k not in skipped and v is not None]
+    described = {"base": "Base model", "vision": "Vision tower", "text": "Text tower"}
+    base_lines = [f"- {described[key]}: {_describe(name)}" for key, name in names.items()] or [
+        "- Base model: not recorded (a model built from configs)"]
+    if adapter_path is None:
+        adapter_path = repo_id or str(Path(folder).resolve())
     card = ModelCard.from_template(
         card_data, template_path=str(TEMPLATES / f"{method}.md"),
         model_name=repo_id or f"{method} adapter", repo_id=repo_id or "path/to/adapter",
-        base_model=config.base_model_name_or_path, dataset=dataset, metrics=metrics or {},
+        base_model=", ".join(names.values()), base_lines="\n".join(base_lines),
+        load_base=_base_snippet(model.get_base_model(), names), adapter_literal=repr(str(adapter_path)),
+        dataset=dataset, metrics=dict(_metric_rows(metrics or {})),
+        probe_note=PROBE_NOTE if any("_only_" in key for key in metrics or {}) else "",
         routing_plot=routing_plot, config_rows=rows,
         trainable_parameters=f"{trainable:,} of {total:,} ({100 * trainable / max(total, 1):.2f}%)",
         prompted_tower=getattr(config, "prompted_tower", ""), complementary_tower=getattr(config, "complementary_tower", ""),
         num_experts=getattr(config, "num_experts", ""),
     )
-    card.save(readme)
+    write_file_atomic(readme, str(card))
     return card
 
 
@@ -68,6 +169,6 @@ def push_adapter_to_hub(model: PeftModel, repo_id: str, *, commit_message: str |
             target.write_bytes(Path(path).read_bytes())
             routing_plot = name if name.endswith(".png") and routing_plot is None else routing_plot
         adapter_name = "default" if "default" in model.peft_config else next(iter(model.peft_config))
-        write_model_card(model, folder, repo_id, adapter_name, dataset, metrics, routing_plot, tags)
+        write_model_card(model, folder, repo_id, adapter_name, dataset, metrics, routing_plot, tags, for_hub=True)
         return api.upload_folder(repo_id=repo_id, folder_path=folder, token=token, revision=revision,
                                  create_pr=create_pr, commit_message=commit_message or "Upload mmexperts adapter")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -113,8 +114,11 @@ def _count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _loop(model: nn.Module, steps: int, lr: float, batches, description: str, progress: bool) -> float:
-    """AdamW, linear warm-up then cosine decay, over ``steps`` batches of model inputs; returns the last loss."""
+def _loop(model: nn.Module, steps: int, lr: float, batches, description: str, progress: bool, bar=None) -> float:
+    """AdamW, linear warm-up then cosine decay, over ``steps`` batches of model inputs; returns the last loss.
+
+    ``bar``: a shared tqdm bar (the whole build's) to advance; without one, this loop shows its own when
+    ``progress``."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     warmup = max(steps // 10, 1)
 
@@ -125,15 +129,22 @@ def _loop(model: nn.Module, steps: int, lr: float, batches, description: str, pr
 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     model.train()
-    bar = tqdm(range(steps), desc=description, disable=not progress)
-    for step in bar:
+    own = bar is None
+    if own:
+        bar = tqdm(total=steps, desc=description, disable=not progress)
+    else:
+        bar.set_description(f"building backbones: {description.removeprefix('pretraining ')}")
+    for step in range(steps):
         loss = model(**next(batches)).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         schedule.step()
+        bar.update(1)
         if step % 50 == 0 or step == steps - 1:
             bar.set_postfix(loss=f"{loss.item():.4f}")
+    if own:
+        bar.close()
     model.eval()
     return loss.item()
 
@@ -183,8 +194,10 @@ def _vision_metrics(logits: torch.Tensor, targets: torch.Tensor) -> dict:
     }
 
 
-def _pretrain_vision(folder: Path, steps: int, seed: int, image_size: int, progress: bool) -> dict:
+def _pretrain_vision(folder: Path, steps: int, seed: int, image_size: int, progress: bool, bar=None) -> dict:
     """Train a tiny ViT to name the colour and shape in every grid cell; save its encoder and image processor."""
+    if bar is not None:
+        bar.set_description("building backbones: rendering scenes")
     pool = min(steps * VISION_BATCH, max(VISION_POOL_PIXELS // image_size ** 2, VISION_BATCH))
     train_x, train_y = _scene_images(pool, _rng(seed, _VISION_STREAM, 0), image_size)
     test_x, test_y = _scene_images(VISION_EVAL, _rng(seed, _VISION_STREAM, 1), image_size)
@@ -195,7 +208,7 @@ def _pretrain_vision(folder: Path, steps: int, seed: int, image_size: int, progr
                                                 problem_type="multi_label_classification"))
     rows = _epochs(len(train_x), VISION_BATCH, torch.Generator().manual_seed(seed))
     batches = ({"pixel_values": _normalise(train_x[r]), "labels": train_y[r]} for r in rows)
-    loss = _loop(model, steps, VISION_LR, batches, "pretraining vision backbone", progress)
+    loss = _loop(model, steps, VISION_LR, batches, "pretraining vision backbone", progress, bar)
     with torch.no_grad():
         logits = torch.cat([model(pixel_values=_normalise(test_x[i:i + 250])).logits
                             for i in range(0, len(test_x), 250)])
@@ -276,8 +289,10 @@ def _sentence_targets(input_ids: torch.Tensor, special: torch.Tensor) -> torch.T
     return targets
 
 
-def _pretrain_text(folder: Path, steps: int, seed: int, progress: bool) -> dict:
+def _pretrain_text(folder: Path, steps: int, seed: int, progress: bool, bar=None) -> dict:
     """Train a tiny BERT by MLM and [CLS] caption reconstruction; save its encoder and the tokenizer."""
+    if bar is not None:
+        bar.set_description("building backbones: writing captions")
     tokenizer = build_tokenizer(model_max_length=MAX_TEXT_LENGTH)
 
     def encode(texts: list[str]) -> dict:
@@ -304,7 +319,7 @@ def _pretrain_text(folder: Path, steps: int, seed: int, progress: bool) -> dict:
                 "sentence": train["sentence"][rows]}
 
     rows = _epochs(len(train["input_ids"]), TEXT_BATCH, generator)
-    loss = _loop(model, steps, TEXT_LR, (batch(r) for r in rows), "pretraining text backbone", progress)
+    loss = _loop(model, steps, TEXT_LR, (batch(r) for r in rows), "pretraining text backbone", progress, bar)
     # held-out texts with every target replaced by [MASK]; the unigram baseline always guesses the commonest word
     inputs, labels = _mask(test["input_ids"], test["special_tokens_mask"], tokenizer,
                            torch.Generator().manual_seed(seed + 1), 1.0, 0.0)
@@ -348,13 +363,19 @@ def _load(folder: Path) -> PretrainedBackbones:
 
 
 @contextmanager
-def _exclusive(lock_path: Path):
-    """Hold an exclusive advisory lock on ``lock_path`` (waiting for it), so one process builds at a time."""
+def _exclusive(lock_path: Path, on_wait=None):
+    """Hold an exclusive advisory lock on ``lock_path`` (waiting for it), so one process builds at a time;
+    ``on_wait()`` is called when another process holds it."""
     if fcntl is None:  # pragma: no cover
         yield
         return
     with open(lock_path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
         finally:
@@ -363,7 +384,7 @@ def _exclusive(lock_path: Path):
 
 @contextmanager
 def _quiet_saving(quiet: bool):
-    """Hide transformers' own progress bars (shard writing) when ``quiet``."""
+    """Hide transformers' own progress bars (shard writing) when ``quiet`` (always during a build: its one bar)."""
     if not quiet or not hf_logging.is_progress_bar_enabled():
         yield
         return
@@ -372,6 +393,22 @@ def _quiet_saving(quiet: bool):
         yield
     finally:
         hf_logging.enable_progress_bar()
+
+
+def build_estimate(vision_steps: int, text_steps: int, image_size: int) -> float:
+    """Rough seconds a build takes on free CPU cores: the default one (32 px) took about 90 s on 2 cores."""
+    vision = 45.0 * vision_steps / DEFAULT_VISION_STEPS * (image_size / 32) ** 2
+    text = 45.0 * text_steps / DEFAULT_TEXT_STEPS
+    return (vision + text) * 2 / max(min(torch.get_num_threads(), 8), 1)
+
+
+def _announce(folder: Path, vision_steps: int, text_steps: int, image_size: int) -> None:
+    seconds = build_estimate(vision_steps, text_steps, image_size)
+    rough = f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+    tqdm.write(f"Building the synthetic backbones once (a tiny ViT, {vision_steps} steps, and a tiny BERT, "
+               f"{text_steps} steps): roughly {rough} on {torch.get_num_threads()} CPU threads, longer on a busy "
+               f"machine (the bar's estimate follows the real pace). Cached in {folder}; later runs load them from "
+               "there in seconds.", file=sys.stderr)
 
 
 def pretrained_backbones(cache_dir: str | os.PathLike | None = None, seed: int = 0, force: bool = False,
@@ -395,16 +432,27 @@ def pretrained_backbones(cache_dir: str | os.PathLike | None = None, seed: int =
     if not force and _is_complete(folder):
         return _load(folder)
     root.mkdir(parents=True, exist_ok=True)
-    with _exclusive(root / f".{folder.name}.lock"):
+
+    def waiting() -> None:
+        if show_progress:
+            tqdm.write(f"Waiting for another process that is building the synthetic backbones in {folder}...",
+                       file=sys.stderr)
+
+    with _exclusive(root / f".{folder.name}.lock", on_wait=waiting):
         if not force and _is_complete(folder):  # another process built it while this one waited for the lock
             return _load(folder)
+        if show_progress:
+            _announce(folder, vision_steps, text_steps, image_size)
         start = time.perf_counter()
-        with torch.random.fork_rng(devices=[]), _quiet_saving(not show_progress), \
-                atomic_directory(folder) as staging:
+        with torch.random.fork_rng(devices=[]), _quiet_saving(True), \
+                atomic_directory(folder) as staging, \
+                tqdm(total=vision_steps + text_steps, desc="building backbones", unit="step",
+                     disable=not show_progress) as bar:
             report = {"recipe": RECIPE_VERSION, "seed": seed, "image_size": image_size,
                       "vision_steps": vision_steps, "text_steps": text_steps}
-            report.update(_pretrain_vision(staging / "vision", vision_steps, seed, image_size, show_progress))
-            report.update(_pretrain_text(staging / "text", text_steps, seed, show_progress))
+            report.update(_pretrain_vision(staging / "vision", vision_steps, seed, image_size, show_progress,
+                                           bar=bar))
+            report.update(_pretrain_text(staging / "text", text_steps, seed, show_progress, bar=bar))
             report["seconds"] = round(time.perf_counter() - start, 1)
             report = {key: round(value, 4) if isinstance(value, float) else value for key, value in report.items()}
             (staging / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")

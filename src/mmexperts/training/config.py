@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import functools
 import inspect
 import math
+import os
 import sys
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +25,9 @@ DATASET_ARGUMENTS = tuple(p.name for p in inspect.signature(load_task).parameter
                           if p.kind is inspect.Parameter.KEYWORD_ONLY)  # set by TrainConfig fields
 
 SYNTHETIC_BACKBONES = "synthetic"
+NO_CONFIG = "none"  # --config none: start from TrainConfig's defaults alone
+PRECEDENCE = ("Precedence, lowest first: TrainConfig's defaults < the config file (--config FILE; {default}) < "
+              "command-line flags. '--config {none}' starts from TrainConfig's defaults alone.")
 
 
 @dataclass
@@ -51,7 +58,12 @@ class TrainConfig:
     classifier_input: str | None = field(default=None, metadata={
         "help": "Features the head reads: 'vision', 'text' or 'concat'; default: the method's choice."})
     max_length: int = field(default=64, metadata={"help": "Maximum text length in tokens."})
-    output_dir: str = field(default="outputs/mope-synthetic", metadata={"help": "Where adapters and logs go."})
+    output_dir: str = field(default="outputs/mope-synthetic", metadata={
+        "help": "Where everything goes: adapter/, best/, checkpoints/, metrics.json (printed at the start and end)."})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "Start a new run in an output_dir that holds a finished one (metrics.json or adapter/): the previous "
+                "run's adapter/, best/, checkpoints/, metrics.json and dropped_rows.json are removed first. Without "
+                "it (or --resume_from_checkpoint) the recipe refuses to start there."})
     seed: int = field(default=0, metadata={"help": "Seed of everything random."})
     learning_rate: float = field(default=3e-3, metadata={"help": "Peak learning rate (AdamW)."})
     weight_decay: float = field(default=1e-3, metadata={"help": "AdamW weight decay."})
@@ -76,40 +88,57 @@ class TrainConfig:
                 "the run continues but no longer repeats an uninterrupted one exactly)."})
     max_nonfinite_in_a_row: int = field(default=10, metadata={
         "help": "Steps with a non-finite loss or gradient are skipped and counted; stop after this many in a row."})
-    unimodal_baselines: bool = field(default=True, metadata={"help": "Also score frozen single-modality probes."})
+    unimodal_baselines: bool = field(default=True, metadata={
+        "help": "After training, also fit a linear probe on each frozen tower alone (vision-only, text-only; the "
+                "adapter is off) and report their scores beside the adapter's (metrics.json, card, results table)."})
     push_to_hub: bool = field(default=False, metadata={"help": "Upload the final adapter and its card."})
     hub_model_id: str | None = field(default=None, metadata={"help": "Repo id for --push_to_hub."})
     num_workers: int = field(default=0, metadata={"help": "DataLoader workers."})
 
     def __post_init__(self):
+        """Check every field; a bad value is a ConfigError naming the flag as typed (``--batch_size``)."""
         positive = ("train_size", "eval_size", "batch_size", "eval_batch_size", "gradient_accumulation_steps",
                     "logging_steps", "eval_steps", "save_steps", "max_length", "save_total_limit",
                     "max_nonfinite_in_a_row")
         for name in positive:
             if getattr(self, name) < 1:
-                raise ConfigError(name, f"{name} must be >= 1, got {getattr(self, name)}.")
+                raise ConfigError(name, f"--{name} must be >= 1, got {getattr(self, name)}.")
         for name in ("learning_rate", "weight_decay", "max_grad_norm"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
-                raise ConfigError(name, f"{name} must be a finite number >= 0, got {value!r}.")
+                raise ConfigError(name, f"--{name} must be a finite number >= 0, got {value!r}.")
         if self.max_steps < 0 or self.num_epochs < 1 and self.max_steps == 0:
-            raise ValueError(f"Set max_steps > 0 or num_epochs >= 1 (got max_steps={self.max_steps}, "
-                             f"num_epochs={self.num_epochs}).")
+            raise ConfigError("max_steps", f"Set --max_steps > 0 or --num_epochs >= 1 (got --max_steps "
+                                           f"{self.max_steps}, --num_epochs {self.num_epochs}).")
         if self.method not in METHODS:
-            raise ValueError(f"Unknown method {self.method!r}; available: {sorted(METHODS)}.")
+            raise ConfigError("method", f"Unknown method {self.method!r} (--method); available: {sorted(METHODS)}.")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
-            raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}.")
+            raise ConfigError("mixed_precision", "--mixed_precision must be 'no', 'fp16' or 'bf16', got "
+                                                 f"{self.mixed_precision!r}.")
         if self.push_to_hub and not self.hub_model_id:
-            raise ValueError("--push_to_hub needs --hub_model_id user/repo.")
+            raise ConfigError("hub_model_id", "--push_to_hub needs --hub_model_id user/repo.")
+        if self.data_dir is not None and not os.path.exists(self.data_dir):
+            raise ConfigError("data_dir", f"--data_dir {self.data_dir}: no such folder. Give the folder that holds "
+                                          "the images and train.jsonl / validation.jsonl / test.jsonl (or .csv).")
+        if self.dataset == "local" and self.data_dir is None:
+            raise ConfigError("data_dir", "--dataset local needs --data_dir: the folder that holds the images and "
+                                          "train.jsonl / validation.jsonl / test.jsonl (or .csv).")
         for name in MAPPING_FIELDS:
             if isinstance(getattr(self, name), dict):
-                setattr(self, name, yaml.safe_dump(getattr(self, name)))
-            if not isinstance(yaml.safe_load(getattr(self, name)) or {}, dict):
-                raise ValueError(f"{name} must be a mapping of keyword arguments, got {getattr(self, name)!r}.")
+                setattr(self, name, yaml.safe_dump(getattr(self, name), default_flow_style=True).strip())
+            try:
+                value = yaml.safe_load(getattr(self, name)) or {}
+            except yaml.YAMLError as error:
+                raise ConfigError(name, f"--{name} is not valid YAML/JSON ({error.__class__.__name__}: "
+                                        f"{str(error).splitlines()[0]}), got {getattr(self, name)!r}.") from None
+            if not isinstance(value, dict):
+                raise ConfigError(name, f"--{name} must be a mapping of keyword arguments, e.g. "
+                                        f"'{{num_experts: 8}}', got {getattr(self, name)!r}.")
         clash = sorted(set(self.dataset_kwargs) & set(DATASET_ARGUMENTS))
         if clash:
-            raise ValueError(f"dataset_config sets {clash}, which TrainConfig fields set; use --train_size, "
-                             "--eval_size, --seed, --image_size, --data_dir, --strict_data or --max_train_rows.")
+            raise ConfigError("dataset_config", f"--dataset_config sets {clash}, which TrainConfig fields set; use "
+                                                "--train_size, --eval_size, --seed, --image_size, --data_dir, "
+                                                "--strict_data or --max_train_rows.")
 
     @property
     def method_kwargs(self) -> dict:
@@ -122,22 +151,111 @@ class TrainConfig:
         return yaml.safe_load(self.dataset_config) or {}
 
 
-def parse_config(argv: list[str] | None = None) -> TrainConfig:
-    """``--config file.yaml`` sets defaults; any ``--field value`` on the command line overrides them."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(TrainConfig)
-    parser.add_argument("--config", type=str, default=None, help="YAML file with TrainConfig fields.")
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    if "--config" in argv:
-        index = argv.index("--config")
-        path = Path(argv[index + 1])
-        if not path.is_file():
-            raise FileNotFoundError(f"--config {path}: no such file.")
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown as ``(default: X)``, or ``(default: X, from FILE)`` for the values a config file sets; the
+    ``--no_<field>`` switches show none (their field's default is the one that counts)."""
+
+    def __init__(self, prog, from_file: dict[str, str] | None = None, **kwargs):
+        super().__init__(prog, **kwargs)
+        self.from_file = from_file or {}
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if any(option.startswith("--no_") for option in action.option_strings):
+            return text
+        if action.dest in self.from_file and action.default is not argparse.SUPPRESS:
+            return f"{text} (default: {action.default}, from {self.from_file[action.dest]})"
+        return super()._get_help_string(action)
+
+
+def _config_argument(argv: list[str]) -> str | None:
+    """The value of ``--config`` in ``argv`` (``--config FILE`` or ``--config=FILE``), or None when absent."""
+    for index, argument in enumerate(argv):
+        if argument == "--config":
+            if index + 1 >= len(argv):
+                raise ConfigError("config", "--config needs a value: a YAML file, or 'none'.")
+            return argv[index + 1]
+        if argument.startswith("--config="):
+            return argument.partition("=")[2]
+    return None
+
+
+def _read_config_file(path: Path, known: set[str]) -> dict:
+    """A config file's TrainConfig fields, as parser defaults (mappings written back as one-line YAML)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"--config {path}: no such file.")
+    try:
         values = yaml.safe_load(path.read_text()) or {}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"{path}: unknown fields {unknown}; valid fields: {sorted(known)}.")
-        parser.set_defaults(**{k: (yaml.safe_dump(v) if k in MAPPING_FIELDS else v)
-                               for k, v in values.items()})
-    config, _ = parser.parse_args_into_dataclasses(args=argv)
-    return config
+    except yaml.YAMLError as error:
+        raise ConfigError("config", f"--config {path}: not valid YAML ({str(error).splitlines()[0]}).") from None
+    if not isinstance(values, dict):
+        raise ConfigError("config", f"--config {path}: expected a mapping of TrainConfig fields, got a "
+                                    f"{type(values).__name__}.")
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError("config", f"{path}: unknown fields {unknown}; valid fields: {sorted(known)}.")
+    return {key: (yaml.safe_dump(value, default_flow_style=True).strip()
+                  if key in MAPPING_FIELDS and not isinstance(value, str) else value)
+            for key, value in values.items()}
+
+
+def _shown(path: str | os.PathLike) -> str:
+    """``path`` relative to the working directory when it lies below it (as a user would type it)."""
+    relative = os.path.relpath(path)
+    return str(path) if relative.startswith("..") else relative
+
+
+def build_parser(default_config: str | os.PathLike | None = None,
+                 config_file: str | os.PathLike | None = None) -> HfArgumentParser:
+    """The command-line parser of TrainConfig (plus ``--config``), its defaults taken from ``config_file``."""
+    default = f"default: {_shown(default_config)}" if default_config is not None else "none by default"
+    description = textwrap.fill(PRECEDENCE.format(default=default, none=NO_CONFIG), 100)
+    parser = HfArgumentParser(TrainConfig, description=description, allow_abbrev=False)  # flags as typed, in full
+    config_help = ("YAML file of TrainConfig fields; its values replace TrainConfig's defaults and flags override "
+                   f"them. '{NO_CONFIG}': TrainConfig's defaults alone.")
+    parser.add_argument("--config", type=str, default=_shown(default_config) if default_config else None,
+                        help=config_help)
+    from_file = {}
+    if config_file is not None:
+        path = Path(config_file)
+        values = _read_config_file(path, {f.name for f in dataclasses.fields(TrainConfig)})
+        parser.set_defaults(**values)
+        from_file = dict.fromkeys(values, path.name)
+    parser.formatter_class = functools.partial(_HelpFormatter, from_file=from_file)
+    for action in parser._actions:
+        names = [option for option in action.option_strings if option.startswith("--no_")]
+        if names:
+            field_name = names[0][len("--no_"):]
+            action.help = (f"Turn --{field_name} off." if field_name != "unimodal_baselines" else
+                           "Skip the frozen single-modality baselines: no vision-only and text-only linear probes "
+                           "after training (saves their feature pass; metrics.json and the card then show the "
+                           "adapter's scores alone).")
+    return parser
+
+
+def parse_config(argv: list[str] | None = None,
+                 default_config: str | os.PathLike | None = None) -> TrainConfig:
+    """A TrainConfig from command-line arguments, by one precedence rule (lowest first): TrainConfig's defaults <
+    the config file < flags.
+
+    The config file is ``--config FILE``, else ``default_config`` (the recipe passes its demo config); ``--config
+    none`` uses no file. Any ``--field value`` overrides the file. A bad value raises ``ConfigError`` naming the flag,
+    a missing config file ``FileNotFoundError``.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    chosen = _config_argument(argv)
+    if chosen is None:
+        chosen = None if default_config is None else str(default_config)
+    if chosen is not None and chosen.lower() == NO_CONFIG:
+        chosen = None
+    parser = build_parser(default_config, chosen)
+
+    def refuse(message: str):
+        raise ConfigError("command line", f"{message} (see --help)")
+
+    parser.error = refuse  # one clear error instead of argparse's usage block and SystemExit
+    namespace, remaining = parser.parse_known_args(argv)
+    if remaining:
+        refuse(f"unrecognised arguments: {' '.join(remaining)}")
+    values = vars(namespace)
+    return TrainConfig(**{f.name: values[f.name] for f in dataclasses.fields(TrainConfig) if f.init})

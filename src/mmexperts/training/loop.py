@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from tqdm.auto import tqdm
 from transformers import AutoImageProcessor, AutoTokenizer, VisionTextDualEncoderModel, get_scheduler
 
 from ..atomic import atomic_directory, commit_directory, recover_directory, staging_path, write_file_atomic
-from ..errors import CheckpointError, NonFiniteLossError
+from ..errors import CheckpointError, ConfigError, NonFiniteLossError
 from ..data.collate import MultimodalCollator
 from ..data.loading import load_task
 from ..hub import push_adapter_to_hub, write_model_card
@@ -95,9 +96,32 @@ class Trainer:
     def setup(self) -> None:
         """Load data, backbones and adapter; build loaders, optimizer and scheduler; resume if asked."""
         config, accelerator = self.config, self.accelerator
+        out = self.output_dir
+        finished = [name for name in ("metrics.json", "adapter") if (out / name).exists()]
+        if finished and not (config.overwrite_output_dir or config.resume_from_checkpoint):
+            raise ConfigError("output_dir", f"--output_dir {out} holds a finished run ({' and '.join(finished)}); "
+                                            "pass --overwrite_output_dir to replace it, --resume_from_checkpoint "
+                                            "latest to continue it, or choose another --output_dir.")
         if accelerator.is_main_process:  # finish or undo writes a killed run left half done (logged)
-            for folder in (self.output_dir, self.output_dir / "checkpoints"):
+            for folder in (out, out / "checkpoints"):
                 recover_directory(folder)
+            if config.overwrite_output_dir and not config.resume_from_checkpoint:
+                # one run per folder: a stale checkpoint of the old run must never be taken for 'latest' of this one
+                removed = [name for name in ("adapter", "best", "checkpoints", "metrics.json", "dropped_rows.json")
+                           if (out / name).exists()]
+                for name in removed:
+                    shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
+                if removed:
+                    accelerator.print(f"--overwrite_output_dir: removed the previous run's {', '.join(removed)} "
+                                      f"from {out}.")
+            where = out.resolve()
+            accelerator.print(
+                f"Output folder: {where}\n"
+                f"  final adapter + model card   {where / 'adapter'}\n"
+                f"  best adapter (by evaluation) {where / 'best'}\n"
+                f"  checkpoints                  {where / 'checkpoints'} (every {config.save_steps} steps, newest "
+                f"{config.save_total_limit} kept; --resume_from_checkpoint latest continues from them)\n"
+                f"  metrics                      {where / 'metrics.json'}")
         self.writer_pid = broadcast_object_list([os.getpid()])[0]  # names the checkpoint staging folders
         vision_path, text_path = self._backbones()
         with accelerator.main_process_first():
@@ -107,21 +131,51 @@ class Trainer:
                                   **config.dataset_kwargs)
         self.retrieval = self.task.task_type == "retrieval"
         if self.retrieval and config.method not in RETRIEVAL_METHODS:
-            raise ValueError(f"{config.dataset} is a retrieval task, which trains a connector method "
-                             f"({sorted(RETRIEVAL_METHODS)}); --method {config.method} needs a labelled task such as "
-                             "synthetic:entailment or synthetic:multilabel.")
-        if accelerator.is_main_process and sum(self.task.report.total.values()):
-            logger.warning("Dropped bad rows: %s", self.task.report)
+            raise ConfigError("method", f"--dataset {config.dataset} is a retrieval task, which trains a connector "
+                                        f"method ({sorted(RETRIEVAL_METHODS)}); --method {config.method} needs a "
+                                        "labelled task such as synthetic:entailment or synthetic:multilabel.")
+        report = self.task.report
+        if accelerator.is_main_process and report.num_dropped:
+            dropped_file = out / "dropped_rows.json"
+            out.mkdir(parents=True, exist_ok=True)
+            write_file_atomic(dropped_file, json.dumps({
+                "dataset": config.dataset, "data_dir": config.data_dir, "dropped": report.num_dropped,
+                "by_reason": {reason: n for reason, n in report.total.items() if n},
+                "by_split": {split: {reason: n for reason, n in counts.items() if n}
+                             for split, counts in report.counts.items() if sum(counts.values())},
+                "malformed_lines": [{"split": bad.split, "file": bad.path, "line": bad.line, "problem": bad.problem}
+                                    for bad in report.bad_lines],
+                "note": "Malformed lines are listed with their file and line; rows dropped for a missing or corrupt "
+                        "image, an empty text or an unknown label are counted by split and reason. --strict_data "
+                        "stops at the first bad row instead, naming it.",
+            }, indent=2) + "\n")
+            logger.warning("Dropped bad rows: %s (listed in %s)", report, dropped_file)
         self.multi_label = self.task.task_type == "multi_label_classification"
         peft_config = method_config(config.method, config.method_kwargs)
         if self.retrieval:  # two towers, no head: the adapter aligns their embeddings
-            self.base = VisionTextDualEncoderModel.from_vision_text_pretrained(vision_path, text_path)
+            # transformers warns that the dual encoder's projections are "newly initialized ... TRAIN this model":
+            # expected here (Alt-MoE trains its own projections), so exactly that message is dropped, around this call
+            dual_encoder_logger = logging.getLogger(VisionTextDualEncoderModel.__module__)
+
+            def not_the_new_head_notice(record: logging.LogRecord) -> bool:
+                return "newly initialized. You should probably TRAIN this model" not in record.getMessage()
+
+            dual_encoder_logger.addFilter(not_the_new_head_notice)
+            try:
+                self.base = VisionTextDualEncoderModel.from_vision_text_pretrained(vision_path, text_path)
+            finally:
+                dual_encoder_logger.removeFilter(not_the_new_head_notice)
         else:
             self.base = VisionTextModelForClassification.from_vision_text_pretrained(
                 vision_path, text_path, num_labels=len(self.task.label_names), problem_type=self.task.task_type,
                 classifier_input=config.classifier_input or default_classifier_input(peft_config),
                 id2label=dict(enumerate(self.task.label_names)))
-        self.model = peft.get_peft_model(self.base, peft_config)
+        with warnings.catch_warnings():
+            # PEFT's PeftModel.__init__ reads `model.is_gradient_checkpointing`, which transformers 5 deprecates with
+            # a FutureWarning on every model; the recipe never checkpoints activations. Only that message is hidden.
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                                    category=FutureWarning)
+            self.model = peft.get_peft_model(self.base, peft_config)
         self.collator = MultimodalCollator(AutoTokenizer.from_pretrained(text_path),
                                            AutoImageProcessor.from_pretrained(vision_path),
                                            task_type=self.task.task_type, max_length=config.max_length,
@@ -397,6 +451,7 @@ class Trainer:
         if config.unimodal_baselines and accelerator.is_main_process and not self.retrieval:
             for modality, score in self.unimodal_baselines().items():
                 results[f"{modality}_only_{self.main_metric}"] = score
+        results = {k: round(float(v), 4) if isinstance(v, (float, np.floating)) else v for k, v in results.items()}
         model = accelerator.unwrap_model(self.model)
         if accelerator.is_main_process:
             plot = None
@@ -405,13 +460,33 @@ class Trainer:
                                     self.output_dir / "adapter" / "routing.png",
                                     title=f"{config.method} routing on {config.dataset}")
             card_metrics = {k: f"{v:.4f}" if isinstance(v, float) else v for k, v in results.items()}
-            write_model_card(model, self.output_dir / "adapter", config.hub_model_id, dataset=config.dataset,
-                             metrics=card_metrics, routing_plot="routing.png" if plot else None)
+            # best/ gets the same card as adapter/ (not PEFT's empty one), with the figures of the step it was kept at
+            best_metrics = {**{k: v for k, v in card_metrics.items()
+                               if not k.startswith("eval_") or self.state.best_step == self.state.step},
+                            "steps": self.state.best_step, f"eval_{self.main_metric}": f"{self.state.best_metric:.4f}"}
+            for name, shown, routing_plot in (("adapter", card_metrics, "routing.png" if plot else None),
+                                              ("best", best_metrics, None)):
+                write_model_card(model, self.output_dir / name, config.hub_model_id, dataset=config.dataset,
+                                 metrics=shown, routing_plot=routing_plot,
+                                 adapter_path=str((self.output_dir / name).resolve()))  # the snippet loads it there
             write_file_atomic(self.output_dir / "metrics.json", json.dumps(results, indent=2))
             print(results_table(results))
             if config.push_to_hub:
                 push_adapter_to_hub(model, config.hub_model_id, dataset=config.dataset, metrics=card_metrics,
                                     extra_files={"routing.png": plot} if plot else None)
+            where = self.output_dir.resolve()
+            checkpoints = list_checkpoints(where / "checkpoints")
+            lines = [f"Wrote to {where}:",
+                     f"  adapter/      final adapter, model card (README.md){', routing.png' if plot else ''}",
+                     (f"  best/         best adapter (step {self.state.best_step}, eval_{self.main_metric} "
+                      f"{self.state.best_metric:.4f})"),
+                     f"  checkpoints/  {', '.join(p.name for p in checkpoints) or 'none'}",
+                     "  metrics.json  the table above"]
+            if (where / "dropped_rows.json").exists():
+                lines.append("  dropped_rows.json  the bad rows dropped from the data")
+            if config.push_to_hub:
+                lines.append(f"  pushed to https://huggingface.co/{config.hub_model_id}")
+            print("\n".join(lines))
         accelerator.end_training()
         return results
 
