@@ -47,3 +47,11 @@ class NonFiniteLossError(MMExpertsError, RuntimeError):
 
 __all__ = ["CheckpointError", "ConfigError", "CorruptFileError", "DataError", "MMExpertsError", "NonFiniteLossError",
            "UnsafePickleError"]
+
+
+class FetchError(MMExpertsError, OSError):
+    """A download that mmexperts needs failed (e.g. no access to PyPI); the message names the package and says how
+    to pass an existing local copy instead."""
+
+
+__all__ += ["FetchError"]

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -118,22 +119,68 @@ class VisionTextModelForClassification(PreTrainedModel):
     def forward(self, pixel_values: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                return_dict: bool | None = None, **kwargs) -> VisionTextClassifierOutput | tuple:
+                return_dict: bool | None = None, return_loss: bool | None = None,
+                num_items_in_batch: torch.Tensor | int | None = None, **kwargs) -> VisionTextClassifierOutput | tuple:
+        """Pool both towers and classify.
+
+        Other keyword arguments go to the tower whose ``forward`` names them: ``interpolate_pos_encoding=True`` to the
+        vision tower (images of another size than its config's), e.g. ``inputs_embeds`` to a BERT text tower; a name
+        both towers take goes to both. Unknown ones are refused (``None`` values are ignored). ``return_loss`` is
+        accepted for adapters that add a loss of their own (Alt-MoE): the head's loss is computed whenever ``labels``
+        are given. ``num_items_in_batch`` (from transformers' ``Trainer``) makes the single-label loss a sum over the
+        batch divided by it (correct under gradient accumulation) and rescales the other losses alike.
+        """
         if pixel_values is None or input_ids is None:
             missing = [n for n, v in (("pixel_values", pixel_values), ("input_ids", input_ids)) if v is None]
             raise ValueError(f"VisionTextModelForClassification needs both modalities; missing {missing}.")
         towers = self.towers
+        tower_kwargs = self._route_tower_kwargs(kwargs)
         text_inputs = towers["text"].select_inputs({"input_ids": input_ids, "attention_mask": attention_mask,
                                                     "token_type_ids": token_type_ids, "position_ids": position_ids})
-        vision_embeds = towers["vision"].pool(self.vision_model(pixel_values=pixel_values))
-        text_embeds = towers["text"].pool(self.text_model(**text_inputs))
+        vision_embeds = towers["vision"].pool(self.vision_model(pixel_values=pixel_values, **tower_kwargs["vision"]))
+        text_embeds = towers["text"].pool(self.text_model(**text_inputs, **tower_kwargs["text"]))
         features = {"vision": vision_embeds, "text": text_embeds,
                     "concat": torch.cat([vision_embeds, text_embeds], -1)}[self.config.classifier_input]
         logits = self.classifier(self.dropout(features))
-        loss = ForSequenceClassificationLoss(labels, logits, self.config) if labels is not None else None
+        loss = self._loss(labels, logits, num_items_in_batch) if labels is not None else None
         output = VisionTextClassifierOutput(loss=loss, logits=logits, vision_embeds=vision_embeds,
                                             text_embeds=text_embeds)
         return output if return_dict is not False else output.to_tuple()
+
+    def tower_keywords(self) -> dict[str, tuple[str, ...]]:
+        """Per tower, the keyword arguments its ``forward`` names that this model's ``forward`` routes to it."""
+        if "_tower_keywords" not in self.__dict__:
+            own = set(inspect.signature(type(self).forward).parameters)
+            names = {}
+            for modality, module in (("vision", self.vision_model), ("text", self.text_model)):
+                parameters = inspect.signature(type(module).forward).parameters.values()
+                names[modality] = tuple(p.name for p in parameters if p.name not in own and p.name != "self"
+                                        and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL))
+            self.__dict__["_tower_keywords"] = names
+        return self.__dict__["_tower_keywords"]
+
+    def _route_tower_kwargs(self, kwargs: dict) -> dict[str, dict]:
+        keywords = self.tower_keywords()
+        routed = {modality: {k: v for k, v in kwargs.items() if k in names and v is not None}
+                  for modality, names in keywords.items()}
+        unknown = sorted(k for k, v in kwargs.items() if v is not None and not any(k in n for n in keywords.values()))
+        if unknown:
+            raise TypeError(
+                f"VisionTextModelForClassification.forward got unexpected keyword arguments {unknown}. It takes "
+                "pixel_values, input_ids, attention_mask, token_type_ids, position_ids, labels, return_dict, "
+                f"return_loss, num_items_in_batch, the vision tower's {list(keywords['vision'])} and the text tower's "
+                f"{list(keywords['text'])} ({type(self.vision_model).__name__} / {type(self.text_model).__name__}).")
+        return routed
+
+    def _loss(self, labels: torch.Tensor, logits: torch.Tensor, num_items_in_batch) -> torch.Tensor:
+        if num_items_in_batch is None:
+            return ForSequenceClassificationLoss(labels, logits, self.config)
+        loss = ForSequenceClassificationLoss(labels, logits, self.config, num_items_in_batch=num_items_in_batch)
+        if self.config.problem_type == "single_label_classification":
+            return loss  # summed over the batch and divided by num_items_in_batch
+        if torch.is_tensor(num_items_in_batch):  # regression and multi-label losses are means over every label
+            num_items_in_batch = num_items_in_batch.to(loss.device)
+        return loss * labels.numel() / num_items_in_batch
 
 
 @strict

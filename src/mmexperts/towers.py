@@ -16,12 +16,24 @@ from torch import nn
 # Feature-sequence models (MultiBench-style) put modality a in the vision slot and modality b in the text slot.
 VISION_ATTRIBUTES = ("vision_model", "vision_tower", "vision_encoder", "image_encoder", "visual", "modality_a_model")
 TEXT_ATTRIBUTES = ("text_model", "text_encoder", "language_model", "modality_b_model")
-BLOCK_LIST_PATHS = ("layers", "encoder.layers", "encoder.layer", "transformer.layers", "transformer.resblocks")
+BLOCK_LIST_PATHS = ("layers", "encoder.layers", "encoder.layer", "transformer.layers", "transformer.resblocks",
+                    "vision_model.encoder.layers")
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
-VISION_INPUTS = ("pixel_values",)
-# Towers whose `pooler_output` is the sequence summary (EOS token, last token or attention pooling head).
-POOLER_MODEL_TYPES = ("clip_text_model", "siglip_text_model", "siglip_vision_model", "siglip2_text_model",
-                      "siglip2_vision_model")
+VISION_INPUTS = ("pixel_values", "interpolate_pos_encoding")
+# Inputs that only qualify a tower's tensors: a call carrying nothing else has none of the tower's inputs.
+TOWER_OPTIONS = ("interpolate_pos_encoding",)
+# Towers whose model defines their summary as `pooler_output`: CLIP's vision tower (the [CLS] token after its final
+# `post_layernorm`) and text tower (the EOS token), SigLIP's attention-pooling head (vision) and last-token head (text).
+# The others pool the [CLS] token of their last hidden state: ViT's is already after its final layer norm, and BERT's
+# pooler is a tanh dense layer trained for next-sentence prediction (and untrained in sentence encoders), so BERT's
+# summary is its [CLS] token.
+POOLER_MODEL_TYPES = ("clip_vision_model", "clip_text_model", "siglip_text_model", "siglip_vision_model",
+                      "siglip2_text_model", "siglip2_vision_model")
+# Vision towers whose summary, without their pooling head (`vision_use_head=False`), is the mean of the patch tokens
+# (as their image classifiers pool).
+MEAN_WITHOUT_HEAD_MODEL_TYPES = ("siglip_vision_model", "siglip2_vision_model")
+# Where a tower that wraps its transformer (CLIPVisionModelWithProjection) keeps the final norm of its summary.
+SUMMARY_NORM_PATHS = ("post_layernorm", "vision_model.post_layernorm")
 
 _QUERY_NAMES = ("q_proj", "query")
 _KEY_NAMES = ("k_proj", "key")
@@ -46,6 +58,7 @@ class Tower:
     hidden_size: int
     input_names: tuple[str, ...]
     pooling: str
+    summary_norm: nn.Module | None = None
 
     @property
     def block_names(self) -> list[str]:
@@ -53,14 +66,25 @@ class Tower:
         return [f"{self.blocks_path}.{i}" for i in range(len(self.blocks))]
 
     def pool(self, outputs) -> torch.Tensor:
-        """Sequence summary of the tower's output: the last-layer [CLS] token, or the tower's own pooler."""
-        if self.pooling == "pooler" and getattr(outputs, "pooler_output", None) is not None:
-            return outputs.pooler_output
+        """Sequence summary of the tower's output, as its own model defines it (see ``POOLER_MODEL_TYPES``):
+        ``pooler`` its ``pooler_output`` (for a tower whose output lacks one, e.g. CLIPVisionModelWithProjection, its
+        final norm over the [CLS] token, which is what its pooler returns), ``mean`` the mean of the tokens, ``cls``
+        the last-layer [CLS] token."""
+        if self.pooling == "pooler":
+            pooled = getattr(outputs, "pooler_output", None)
+            if pooled is not None:
+                return pooled
+            if self.summary_norm is not None:
+                return self.summary_norm(outputs.last_hidden_state[:, 0])
+        if self.pooling == "mean":
+            return outputs.last_hidden_state.mean(1)
         return outputs.last_hidden_state[:, 0]
 
     def select_inputs(self, inputs: dict) -> dict:
-        """The subset of a two-tower call's inputs that this tower consumes."""
-        return {name: inputs[name] for name in self.input_names if inputs.get(name) is not None}
+        """The subset of a two-tower call's inputs that this tower consumes (none when the call has none of its
+        tensors, whatever options such as ``interpolate_pos_encoding`` it carries)."""
+        selected = {name: inputs[name] for name in self.input_names if inputs.get(name) is not None}
+        return selected if any(name not in TOWER_OPTIONS for name in selected) else {}
 
 
 @dataclass
@@ -106,8 +130,19 @@ def _find_blocks(tower: nn.Module) -> tuple[str, nn.ModuleList] | None:
 
 
 def _pooling(tower: nn.Module) -> str:
-    model_type = getattr(getattr(tower, "config", None), "model_type", "")
+    config = getattr(tower, "config", None)
+    model_type = getattr(config, "model_type", "")
+    if model_type in MEAN_WITHOUT_HEAD_MODEL_TYPES and getattr(config, "vision_use_head", True) is False:
+        return "mean"
     return "pooler" if model_type in POOLER_MODEL_TYPES else "cls"
+
+
+def _summary_norm(tower: nn.Module) -> nn.Module | None:
+    for path in SUMMARY_NORM_PATHS:
+        norm = _get(tower, path)
+        if isinstance(norm, nn.Module):
+            return norm
+    return None
 
 
 def _input_names(tower: nn.Module, candidates: tuple[str, ...]) -> tuple[str, ...]:
@@ -141,8 +176,10 @@ def find_towers(model: nn.Module) -> dict[str, Tower]:
         hidden_size = getattr(getattr(module, "config", None), "hidden_size", None)
         if hidden_size is None:
             hidden_size = block_anatomy(block_list[0]).query.in_features
+        pooling = _pooling(module)
         found[modality] = Tower(modality, path, module, f"{path}.{blocks_path}", block_list, int(hidden_size),
-                                _input_names(module, inputs), _pooling(module))
+                                _input_names(module, inputs), pooling,
+                                _summary_norm(module) if pooling == "pooler" else None)
     if problems:
         raise TowerDiscoveryError(
             f"Could not find the vision and text towers of {type(model).__name__}: {'; '.join(problems)}. "
