@@ -122,3 +122,15 @@ def test_recipe_refuses_processes_that_did_not_form_a_group(backbones, tmp_path)
     assert run.returncode != 0
     assert "did not form one process group" in run.stdout + run.stderr
     assert not (tmp_path / "adapter").exists()
+
+
+@pytest.mark.parametrize("frozen_dropout", [True, False])
+def test_frozen_towers_dropout_policy(backbones, tmp_path, frozen_dropout):
+    trainer = Trainer(tiny_config(backbones, tmp_path, frozen_dropout=frozen_dropout))
+    trainer.setup()
+    trainer.train_mode()
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    frozen = [m for m in model.modules() if list(m.parameters()) and not any(p.requires_grad for p in m.parameters())]
+    trained = [m for m in model.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
+    assert frozen and trained and all(m.training for m in trained)
+    assert all(m.training == frozen_dropout for m in frozen)

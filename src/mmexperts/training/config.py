@@ -86,6 +86,9 @@ class TrainConfig:
     strict_resume: bool = field(default=False, metadata={
         "help": "Refuse to resume when a checkpoint's random states are missing or damaged (by default a warning: "
                 "the run continues but no longer repeats an uninterrupted one exactly)."})
+    frozen_dropout: bool = field(default=True, metadata={
+        "help": "Keep the frozen towers' own dropout on in training (PEFT's convention); --no_frozen_dropout runs "
+                "them as in evaluation while the adapter and head train."})
     max_nonfinite_in_a_row: int = field(default=10, metadata={
         "help": "Steps with a non-finite loss or gradient are skipped and counted; stop after this many in a row."})
     unimodal_baselines: bool = field(default=True, metadata={

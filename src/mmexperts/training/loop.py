@@ -258,7 +258,7 @@ class Trainer:
         per_step = config.gradient_accumulation_steps
         progress = tqdm(total=self.max_steps, initial=self.state.step, desc="training",
                         disable=not accelerator.is_local_main_process)
-        self.model.train()
+        self.train_mode()
         running, seen, finite = 0.0, 0, True
         while self.state.step < self.max_steps:
             done_micro = self.state.step * per_step
@@ -322,6 +322,12 @@ class Trainer:
                 f"{self.state.step}); training stopped. Check the inputs for NaN/inf, lower --learning_rate, or use "
                 "--mixed_precision bf16 instead of fp16; --max_nonfinite_in_a_row sets the limit.")
 
+    def train_mode(self) -> None:
+        """Training mode for the adapter; the frozen towers' own dropout follows ``frozen_dropout``."""
+        self.model.train()
+        if not self.config.frozen_dropout:
+            set_frozen_modules_eval(self.model)
+
     def on_step_end(self, loss: float) -> None:
         """Logging, periodic evaluation and checkpoints after each optimizer step."""
         config, step = self.config, self.state.step
@@ -374,7 +380,7 @@ class Trainer:
             parts.append([t.float().cpu() for t in accelerator.gather_for_metrics(
                 (out.image_to_text.embeds, out.text_to_image.embeds, out.image_target_embeds, out.text_target_embeds,
                  batch["image_ids"]))])
-        self.model.train()
+        self.train_mode()
         image_queries, text_queries, image_targets, text_targets, ids = (torch.cat(c) for c in zip(*parts))
         ids = ids.long()
         return retrieval_recall(VectorStore(image_targets, ids), VectorStore(text_targets, ids),
@@ -395,7 +401,7 @@ class Trainer:
             labels.append(got_labels.cpu())
             if isinstance(out.get("routing_weights"), torch.Tensor):
                 routing.append(accelerator.gather_for_metrics(out.routing_weights.transpose(0, 1).float()).cpu())
-        self.model.train()
+        self.train_mode()
         logits, labels = torch.cat(logits).numpy(), torch.cat(labels).numpy()
         metrics = compute_metrics(logits, labels, self.multi_label)
         routing_array = torch.cat(routing).transpose(0, 1).numpy() if routing else None
@@ -489,6 +495,15 @@ class Trainer:
             print("\n".join(lines))
         accelerator.end_training()
         return results
+
+
+def set_frozen_modules_eval(model: torch.nn.Module) -> None:
+    """Eval mode (no dropout) for every module whose parameters are all frozen; modules with trainable parameters
+    (adapters, heads) and their own dropout stay in training mode."""
+    for module in model.modules():
+        parameters = list(module.parameters())
+        if parameters and not any(p.requires_grad for p in parameters):
+            module.eval()
 
 
 def results_table(results: dict) -> str:
