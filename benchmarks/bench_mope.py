@@ -37,6 +37,8 @@ import traceback
 import warnings
 from pathlib import Path
 
+from harness import reset_peak, status_kib
+
 HERE = Path(__file__).resolve().parent
 NUM_LABELS = 101
 
@@ -52,30 +54,9 @@ DESCRIPTIONS = {
 
 
 # ----------------------------------------------------------------------------------------------- memory helpers
-def _status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak() -> bool:
-    """Reset the kernel's peak-RSS mark (VmHWM) of this process; Linux >= 4.0, ``echo 5 > /proc/self/clear_refs``."""
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _peak_memory(peak_was_reset: bool) -> int:
     """Peak resident set size (KiB) since the last reset: VmHWM, or ru_maxrss (peak since process start)."""
-    hwm = _status_kib("VmHWM") if peak_was_reset else None
+    hwm = status_kib("VmHWM") if peak_was_reset else None
     if hwm is not None:
         return hwm
     import resource
@@ -198,8 +179,8 @@ def _worker(conn, kind: str, variant: str, options: dict) -> None:
             return time.perf_counter() - start
 
         gc.collect()
-        info["rss_model_kib"] = _status_kib("VmRSS")
-        peak_was_reset = _reset_peak()
+        info["rss_model_kib"] = status_kib("VmRSS")
+        peak_was_reset = reset_peak()
         info["peak_source"] = "VmHWM after clear_refs" if peak_was_reset else "ru_maxrss (since process start)"
         conn.send(("ready", info))
         while True:

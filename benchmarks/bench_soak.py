@@ -44,6 +44,8 @@ import time
 import warnings
 from pathlib import Path
 
+from harness import reset_peak, status_kib
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
@@ -63,27 +65,6 @@ def rss_mib() -> float:
         import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak() -> bool:
-    """Reset the kernel's peak-RSS mark (VmHWM) of this process (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def linear_fit(xs: list[float], ys: list[float]) -> tuple[float, float, float, float]:
@@ -161,7 +142,7 @@ def soak(steps: int, sample_every: int, seed: int, max_batch: int, max_text: int
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     rng, generator = random.Random(seed), torch.Generator().manual_seed(seed)
     gc.collect()
-    peak_was_reset = _reset_peak()
+    peak_was_reset = reset_peak()
     samples = [(0, rss_mib())]
     objects = {0: len(gc.get_objects())}
     start_rss, losses, nonfinite, started = samples[0][1], [], 0, time.perf_counter()
@@ -192,7 +173,7 @@ def soak(steps: int, sample_every: int, seed: int, max_batch: int, max_text: int
             log(f"  {label}: step {step}/{steps}: RSS {samples[-1][1]:.1f} MiB, loss {sum(recent) / len(recent):.3f} "
                 f"(mean of last 100), {time.perf_counter() - started:.0f} s")
     elapsed = time.perf_counter() - started
-    peak = _status_kib("VmHWM") if peak_was_reset else None
+    peak = status_kib("VmHWM") if peak_was_reset else None
     second = [(s, r) for s, r in samples if s >= steps / 2]
     first = [(s, r) for s, r in samples if s <= steps / 2]
     slope, intercept, r2, stderr = linear_fit([s for s, _ in second], [r for _, r in second])

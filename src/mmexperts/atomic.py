@@ -15,6 +15,11 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
+try:  # POSIX advisory locks serialise builders across processes; elsewhere the atomic rename alone protects
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None
+
 logger = logging.getLogger(__name__)
 _LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|old|tmp)-(?P<pid>\d+)$")
 
@@ -136,3 +141,23 @@ def atomic_directory(path: str | os.PathLike):
         shutil.rmtree(staging, ignore_errors=True)
         raise
     commit_directory(staging, path)
+
+
+@contextmanager
+def exclusive_lock(lock_path: str | os.PathLike, on_wait=None):
+    """Hold an exclusive advisory lock on ``lock_path`` (waiting for it), so one process builds at a time;
+    ``on_wait()`` is called when another process holds it."""
+    if fcntl is None:  # pragma: no cover
+        yield
+        return
+    with open(lock_path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

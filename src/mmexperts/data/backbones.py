@@ -26,14 +26,10 @@ from transformers import (BertConfig, BertForMaskedLM, BertModel, ViTConfig, ViT
                           ViTImageProcessorPil, ViTModel)
 from transformers.utils import logging as hf_logging
 
-from ..atomic import atomic_directory
+from ..atomic import atomic_directory, exclusive_lock
 from .synthetic import (COLOURS, GRID_SIZE, MULTILABEL_TEMPLATES, SHAPES, build_tokenizer, caption_text,
                         render_scene, sample_scene, true_captions)
 
-try:  # POSIX advisory locks serialise builders across processes; elsewhere the atomic rename alone protects
-    import fcntl
-except ImportError:  # pragma: no cover
-    fcntl = None
 
 __all__ = ["PretrainedBackbones", "cell_targets", "default_cache_dir", "pretrained_backbones"]
 
@@ -363,26 +359,6 @@ def _load(folder: Path) -> PretrainedBackbones:
 
 
 @contextmanager
-def _exclusive(lock_path: Path, on_wait=None):
-    """Hold an exclusive advisory lock on ``lock_path`` (waiting for it), so one process builds at a time;
-    ``on_wait()`` is called when another process holds it."""
-    if fcntl is None:  # pragma: no cover
-        yield
-        return
-    with open(lock_path, "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if on_wait is not None:
-                on_wait()
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-@contextmanager
 def _quiet_saving(quiet: bool):
     """Hide transformers' own progress bars (shard writing) when ``quiet`` (always during a build: its one bar)."""
     if not quiet or not hf_logging.is_progress_bar_enabled():
@@ -438,7 +414,7 @@ def pretrained_backbones(cache_dir: str | os.PathLike | None = None, seed: int =
             tqdm.write(f"Waiting for another process that is building the synthetic backbones in {folder}...",
                        file=sys.stderr)
 
-    with _exclusive(root / f".{folder.name}.lock", on_wait=waiting):
+    with exclusive_lock(root / f".{folder.name}.lock", on_wait=waiting):
         if not force and _is_complete(folder):  # another process built it while this one waited for the lock
             return _load(folder)
         if show_progress:

@@ -39,19 +39,13 @@ import tempfile
 import time
 import zipfile
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from ..atomic import atomic_directory
+from ..atomic import atomic_directory, exclusive_lock
 from ..errors import CorruptFileError, FetchError
-
-try:
-    import fcntl
-except ImportError:  # pragma: no cover (Windows)
-    fcntl = None
 
 logger = logging.getLogger(__name__)
 
@@ -192,7 +186,8 @@ def real_towers(cache_dir: str | os.PathLike | None = None) -> dict[str, str]:
         if "vision" in missing:
             _import_onnx()  # fail before downloading anything
         cache.mkdir(parents=True, exist_ok=True)
-        with _exclusive(cache / ".real-towers.lock"):
+        with exclusive_lock(cache / ".real-towers.lock", on_wait=lambda: logger.info(
+                "Waiting for another process building the real towers in %s", cache)):
             for modality in missing:
                 if is_complete(paths[modality], WHEELS[modality]):  # built by another process meanwhile
                     continue
@@ -217,24 +212,6 @@ def _build(modality: str, folder: Path, cache: Path) -> None:
                                 for p in sorted(staging.rglob("*")) if p.is_file()}}
             (staging / MARKER).write_text(json.dumps(marker, indent=2) + "\n")  # last: marks the folder complete
     logger.info("Built %s in %.1f s", folder, time.perf_counter() - start)
-
-
-@contextmanager
-def _exclusive(lock_path: Path):
-    """One builder at a time per cache (others wait, then find the folders complete)."""
-    if fcntl is None:  # pragma: no cover
-        yield
-        return
-    with open(lock_path, "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            logger.info("Waiting for another process building the real towers in %s", lock_path.parent)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 # ------------------------------------------------------------------------------------------------------- text tower
