@@ -238,7 +238,7 @@ def main(argv=None) -> int:
 
 
 def render(results: dict, timing: dict, args, captions: int, train_pairs: int, elapsed: float) -> str:
-    lines = [f"# Alt-MoE on the offline caption <-> image benchmark",
+    lines = ["# Alt-MoE on the offline caption <-> image benchmark",
              "",
              f"Command: `python benchmarks/bench_altmoe.py --steps {args.steps} --train-size {args.train_size} "
              f"--eval-size {args.eval_size} --batch-size {args.batch_size} --lr {args.lr} --threads {args.threads}`",

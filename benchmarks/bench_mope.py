@@ -86,7 +86,6 @@ def _deep_prompt_config():
 
 def _build(kind: str, variant: str, small: bool):
     import peft
-    import torch
 
     import mmexperts  # noqa: F401  (registers the PEFT types)
     from mmexperts import MoPEConfig, VisionTextModelForClassification

@@ -9,7 +9,7 @@ from peft import PeftModel
 from torch import nn
 from transformers import BertConfig, ViTConfig
 
-from conftest import (MODEL_FACTORIES, bert_config, make_batch, make_classifier, make_clip, make_dual_encoder,
+from conftest import (MODEL_FACTORIES, bert_config, make_batch, make_classifier, make_dual_encoder,
                       vit_config)
 from mmexperts import MoPEConfig, TowerDiscoveryError, VisionTextModelForClassification
 
