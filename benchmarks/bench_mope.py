@@ -150,7 +150,6 @@ def _worker(conn, kind: str, variant: str, options: dict) -> None:
         warnings.filterwarnings("ignore")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         import torch
-
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()

@@ -17,8 +17,19 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import (BertConfig, BertModel, CLIPConfig, CLIPModel, SiglipConfig, SiglipModel, ViTConfig,
-                          ViTImageProcessorPil, ViTModel, VisionTextDualEncoderConfig, VisionTextDualEncoderModel)
+from transformers import (
+    BertConfig,
+    BertModel,
+    CLIPConfig,
+    CLIPModel,
+    SiglipConfig,
+    SiglipModel,
+    VisionTextDualEncoderConfig,
+    VisionTextDualEncoderModel,
+    ViTConfig,
+    ViTImageProcessorPil,
+    ViTModel,
+)
 
 import mmexperts  # noqa: F401  (registers the PEFT types)
 from mmexperts import VisionTextModelForClassification

@@ -9,9 +9,10 @@ import torch
 from peft import PeftModel
 from torch import nn
 
-from conftest import HIDDEN, make_batch, make_clip, make_dual_encoder, make_siglip
 from mmexperts import AltMoEConfig, TowerDiscoveryError
 from mmexperts.altmoe.features import CachedFeatures, FeatureConnector, cache_features
+
+from conftest import HIDDEN, make_batch, make_clip, make_dual_encoder, make_siglip
 
 FACTORIES = {"clip": make_clip, "dual_encoder": make_dual_encoder, "siglip": make_siglip}
 WIDTH = 16

@@ -7,12 +7,12 @@ import shutil
 
 import pytest
 import torch
+from test_altmoe import make
 
-from conftest import make_batch
 from mmexperts.training import train
 from mmexperts.training.alternating import DirectionSchedule
-from test_altmoe import make
-from conftest import tiny_config, train_on_two_cpu_processes
+
+from conftest import make_batch, tiny_config, train_on_two_cpu_processes
 
 RETRIEVAL = dict(method="altmoe", dataset="synthetic:retrieval",
                  method_config={"num_experts": 4, "top_k": 2, "hidden_size": 16, "init_weights": False})

@@ -49,7 +49,8 @@ def test_layout_and_report(built):
     folder = cache / f"{RECIPE_VERSION}-seed0-32px-vision3-text3"
     assert (result.vision, result.text) == (folder / "vision", folder / "text")
     assert json.loads((folder / "report.json").read_text()) == result.report
-    assert {"vision_attribute_f1", "vision_cell_accuracy", "text_mlm_accuracy", "text_mlm_unigram_accuracy", "text_cls_token_accuracy",
+    assert {"vision_attribute_f1", "vision_cell_accuracy", "text_mlm_accuracy", "text_mlm_unigram_accuracy",
+            "text_cls_token_accuracy",
             "seconds"} <= set(result.report)
     assert 0 <= result.report["vision_attribute_f1"] <= 1 and 0 <= result.report["text_mlm_accuracy"] <= 1
     assert [p.name for p in cache.iterdir() if not p.name.endswith(".lock")] == [folder.name]
@@ -148,7 +149,8 @@ def test_leftover_staging_folder_is_not_a_cache_hit(built, tmp_path, monkeypatch
     result = pretrained_backbones(cache_dir=tmp_path, **STEPS)
     assert calls == [1] and result.vision == tmp_path / name / "vision"
     assert not stale.exists()  # cleaned up under the lock
-    half = tmp_path / f"{RECIPE_VERSION}-seed0-32px-vision3-text4"  # a final-looking folder without its report is no cache either
+    # a final-looking folder without its report is no cache either
+    half = tmp_path / f"{RECIPE_VERSION}-seed0-32px-vision3-text4"
     (half / "vision").mkdir(parents=True)
     pretrained_backbones(cache_dir=tmp_path, vision_steps=3, text_steps=4, show_progress=False)
     assert calls == [1, 1] and (half / "report.json").is_file()

@@ -6,8 +6,9 @@ import peft
 import torch
 from transformers import Trainer, TrainingArguments
 
-from conftest import make_batch, make_classifier
 from mmexperts import MoPEConfig
+
+from conftest import make_batch, make_classifier
 
 
 class Rows(torch.utils.data.Dataset):

@@ -7,8 +7,15 @@ import math
 import pytest
 import torch
 
-from mmexperts.moe import (experts_to_prune, gate_mass, gate_output_norm, leave_one_out, prune_lowest,
-                           prune_to_sparsity, usage_frequency)
+from mmexperts.moe import (
+    experts_to_prune,
+    gate_mass,
+    gate_output_norm,
+    leave_one_out,
+    prune_lowest,
+    prune_to_sparsity,
+    usage_frequency,
+)
 from mmexperts.moe.utility import check_mask
 
 WEIGHTS = torch.tensor([[0.7, 0.2, 0.1, 0.0],

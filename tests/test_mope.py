@@ -9,9 +9,9 @@ from peft import PeftModel
 from torch import nn
 from transformers import BertConfig, ViTConfig
 
-from conftest import (MODEL_FACTORIES, bert_config, make_batch, make_classifier, make_dual_encoder,
-                      vit_config)
 from mmexperts import MoPEConfig, TowerDiscoveryError, VisionTextModelForClassification
+
+from conftest import MODEL_FACTORIES, bert_config, make_batch, make_classifier, make_dual_encoder, vit_config
 
 EMBEDDINGS = {"classifier": ("logits",), "dual_encoder": ("image_embeds", "text_embeds"),
               "clip": ("image_embeds", "text_embeds"), "siglip": ("image_embeds", "text_embeds")}
@@ -152,7 +152,8 @@ def test_without_experts_blocks_keep_static_and_mapped_prompts_only():
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"num_experts": -1}, "num_experts"),
-    ({"num_experts": 0, "static_prompt_length": 0, "mapped_prompt_length": 0}, "num_experts=0"), ({"prompt_length": -1}, "prompt_length"),
+    ({"num_experts": 0, "static_prompt_length": 0, "mapped_prompt_length": 0}, "num_experts=0"),
+    ({"prompt_length": -1}, "prompt_length"),
     ({"num_experts": 2.5}, "num_experts"), ({"static_prompt_length": -2}, "static_prompt_length"),
     ({"prompted_tower": "audio"}, "prompted_tower"), ({"router_temperature": 0}, "router_temperature"),
     ({"router_self_dim": 0, "router_cross_dim": 0}, "router_self_dim"),

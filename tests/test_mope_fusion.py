@@ -6,8 +6,9 @@ import peft
 import pytest
 import torch
 
-from conftest import IMAGE_SIZE, make_classifier
 from mmexperts import MoPEConfig
+
+from conftest import IMAGE_SIZE, make_classifier
 
 TOKEN_A, TOKEN_B = 10, 11
 

@@ -11,8 +11,9 @@ from huggingface_hub import ModelCard
 from peft import AutoPeftModel, PeftModel
 from safetensors.torch import load_file
 
-from conftest import make_batch, make_classifier
 from mmexperts import MoPEConfig, VisionTextModelForClassification, push_adapter_to_hub
+
+from conftest import make_batch, make_classifier
 
 
 @pytest.fixture

@@ -25,7 +25,6 @@ import peft
 import pytest
 import torch
 import yaml
-from conftest import HIDDEN, make_batch, make_classifier, make_clip, make_dual_encoder, make_siglip
 from peft import AutoPeftModel, PeftConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import ModulesToSaveWrapper
@@ -34,9 +33,22 @@ from torch import nn
 from transformers import AutoModel
 from transformers.utils import ModelOutput
 
-from mmexperts import (AltMoEConfig, AltMoEModel, MMExpertsPeftType, MoPEConfig, MoPELayer, MoPEModel, S3Config,
-                       S3Layer, S3Model, find_towers, push_adapter_to_hub)
+from mmexperts import (
+    AltMoEConfig,
+    AltMoEModel,
+    MMExpertsPeftType,
+    MoPEConfig,
+    MoPELayer,
+    MoPEModel,
+    S3Config,
+    S3Layer,
+    S3Model,
+    find_towers,
+    push_adapter_to_hub,
+)
 from mmexperts.altmoe.layer import AltMoELayer
+
+from conftest import HIDDEN, make_batch, make_classifier, make_clip, make_dual_encoder, make_siglip
 
 # ------------------------------------------------------------------------------------------------------ the methods
 

@@ -23,11 +23,20 @@ import numpy as np
 import peft
 import pytest
 import torch
-from transformers import (AutoImageProcessor, AutoModel, AutoTokenizer, BertModel, CLIPVisionConfig, CLIPVisionModel,
-                          CLIPVisionModelWithProjection, SiglipVisionConfig, SiglipVisionModel,
-                          VisionTextDualEncoderModel, ViTModel)
+from transformers import (
+    AutoImageProcessor,
+    AutoModel,
+    AutoTokenizer,
+    BertModel,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    CLIPVisionModelWithProjection,
+    SiglipVisionConfig,
+    SiglipVisionModel,
+    VisionTextDualEncoderModel,
+    ViTModel,
+)
 
-from conftest import IMAGE_SIZE, VISION_TOWER, bert_config, make_batch, make_clip, make_siglip, vit_config
 from mmexperts import AltMoEConfig, MoPEConfig, S3Config, VisionTextModelForClassification
 from mmexperts.data.synthetic import build_tokenizer
 from mmexperts.errors import CorruptFileError, FetchError
@@ -35,6 +44,8 @@ from mmexperts.modeling import VisionTextClassificationConfig
 from mmexperts.mope.model import MoPEModel
 from mmexperts.offline import real_towers as rt
 from mmexperts.towers import find_towers
+
+from conftest import IMAGE_SIZE, VISION_TOWER, bert_config, make_batch, make_clip, make_siglip, vit_config
 
 try:
     import onnx

@@ -9,9 +9,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from conftest import make_batch, make_clip
 from mmexperts import SearchResult, VectorStore, retrieval_recall
 from mmexperts.retrieval import encode_batches, recall_at_k
+
+from conftest import make_batch, make_clip
 
 
 def clustered(count: int = 2000, dim: int = 16, clusters: int = 20, seed: int = 0) -> torch.Tensor:

@@ -9,13 +9,13 @@ import csv
 import peft
 import pytest
 import torch
-from conftest import make_batch, make_classifier
 from torch.utils.flop_counter import FlopCounterMode
 
 from mmexperts import FeatureEncoderConfig, FeatureEncoderForClassification, S3Config
 from mmexperts.s3.sweep import SweepConfig, evaluate, fit, sparsity_sweep
 from mmexperts.training import method_config, train
-from conftest import tiny_config
+
+from conftest import make_batch, make_classifier, tiny_config
 
 TOKENS, DIM = 4, 8
 

@@ -9,12 +9,19 @@ import os
 
 import pytest
 import torch
-from conftest import make_batch, make_classifier, make_clip, make_dual_encoder, make_siglip
 from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 
-from mmexperts import (FeatureEncoderConfig, FeatureEncoderForClassification, MMExpertsPeftType, S3Config, S3Layer,
-                       S3Model)
+from mmexperts import (
+    FeatureEncoderConfig,
+    FeatureEncoderForClassification,
+    MMExpertsPeftType,
+    S3Config,
+    S3Layer,
+    S3Model,
+)
+
+from conftest import make_batch, make_classifier, make_clip, make_dual_encoder, make_siglip
 
 
 def make_features() -> FeatureEncoderForClassification:

@@ -19,6 +19,7 @@ from mmexperts.atomic import atomic_directory, commit_directory, recover_directo
 from mmexperts.errors import CheckpointError, ConfigError, NonFiniteLossError
 from mmexperts.training import TrainConfig, Trainer, list_checkpoints, train
 from mmexperts.training.checkpoint import MANIFEST_FILE, STATE_FILE, write_manifest
+
 from conftest import adapter_weights, tiny_config
 
 

@@ -12,10 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import make_batch, make_clip
 from mmexperts import AltMoEConfig
 from mmexperts.data.loading import MALFORMED_LINE, load_task
 from mmexperts.errors import DataError
+
+from conftest import make_batch, make_clip
 
 LABELS = ["cat", "dog"]
 

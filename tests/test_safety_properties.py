@@ -14,10 +14,11 @@ import torch
 from hypothesis import Phase, assume, example, given, settings
 from hypothesis import strategies as st
 
-from conftest import IMAGE_SIZE, VOCAB, make_classifier, make_dual_encoder
 from mmexperts import AltMoEConfig, MoPEConfig, S3Config
 from mmexperts.errors import ConfigError
 from mmexperts.moe import DISPATCH_MODES
+
+from conftest import IMAGE_SIZE, VOCAB, make_classifier, make_dual_encoder
 
 PATCH_TOKENS = (IMAGE_SIZE // 6) ** 2 + 1  # the tiny ViT's patches + [CLS]
 BLOCKS = 2  # blocks per tower in the tiny models

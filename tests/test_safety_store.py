@@ -15,11 +15,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import make_batch, make_classifier, make_clip
 from mmexperts import AltMoEConfig, MoPEConfig, S3Config, VectorStore
 from mmexperts.altmoe.features import FEATURES_FILE, CachedFeatures, cache_features
 from mmexperts.errors import CorruptFileError
 from mmexperts.retrieval import CONFIG_FILE, VECTORS_FILE, _sha256
+
+from conftest import make_batch, make_classifier, make_clip
 
 COUNT, DIM = 128, 12
 SETTINGS = {"flat": {}, "ivf": {"nlist": 4, "nprobe": 2}, "hnsw": {"hnsw_m": 8, "ef_construction": 40}}

@@ -211,7 +211,8 @@ def test_entailment_image_alone_is_chance(entailment):
 
 def test_entailment_covers_all_templates(entailment):
     texts = entailment["text"]
-    for pattern in (r"there is a \w+ shape", r"there is a (circle|square|triangle)", r"there is a \w+ \w+", r".* row", r".* column", r".* (left of|right of|above|below) .*"):
+    for pattern in (r"there is a \w+ shape", r"there is a (circle|square|triangle)", r"there is a \w+ \w+", r".* row",
+                    r".* column", r".* (left of|right of|above|below) .*"):
         assert any(re.fullmatch(pattern, t) for t in texts), pattern
 
 

@@ -52,7 +52,8 @@ def test_interrupted_run_resumes_to_the_same_weights(backbones, tmp_path, monkey
     assert [p.name for p in list_checkpoints(tmp_path / "resumed" / "checkpoints")] == ["step_3"]
     train(tiny_config(backbones, tmp_path / "resumed", resume_from_checkpoint="latest"))
 
-    straight, resumed = adapter_weights(tmp_path / "straight" / "adapter"), adapter_weights(tmp_path / "resumed" / "adapter")
+    straight = adapter_weights(tmp_path / "straight" / "adapter")
+    resumed = adapter_weights(tmp_path / "resumed" / "adapter")
     assert straight.keys() == resumed.keys()
     for key in straight:
         torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0)

@@ -7,8 +7,13 @@ Importing the package registers its PEFT types (``MOPE``, ``S3``, ``ALTMOE``) wi
 from . import hub
 from .altmoe import AltMoEConfig, AltMoEModel
 from .hub import push_adapter_to_hub, write_model_card
-from .modeling import (FeatureEncoderConfig, FeatureEncoderForClassification, VisionTextClassificationConfig,
-                       VisionTextClassifierOutput, VisionTextModelForClassification)
+from .modeling import (
+                       FeatureEncoderConfig,
+                       FeatureEncoderForClassification,
+                       VisionTextClassificationConfig,
+                       VisionTextClassifierOutput,
+                       VisionTextModelForClassification,
+)
 from .mope import MoPEConfig, MoPELayer, MoPEModel
 from .registry import MMExpertsPeftType, register_method
 from .retrieval import SearchResult, VectorStore, retrieval_recall

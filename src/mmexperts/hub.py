@@ -2,7 +2,8 @@
 
 transformers' ``push_to_hub`` replaces the README that ``PeftModel.save_pretrained`` writes with a generic card
 (``library_name: transformers``). For mmexperts adapters, :func:`push_adapter_to_hub` saves with PEFT, renders the
-method's card (``library_name: peft``, an ``mmexperts`` tag) and uploads the folder. ``model.push_to_hub`` stays PEFT's own (it
+method's card (``library_name: peft``, an ``mmexperts`` tag) and uploads the folder. ``model.push_to_hub`` stays
+PEFT's own (it
 uploads the adapter and its config under transformers' generic card); nothing in PEFT is patched.
 """
 
@@ -17,7 +18,6 @@ from huggingface_hub import HfApi, ModelCard
 from peft import PeftModel
 
 from .atomic import write_file_atomic
-
 
 TEMPLATES = Path(__file__).parent / "model_cards"
 LIBRARY_TAG = "mmexperts"
@@ -58,8 +58,9 @@ def _describe(name: str) -> str:
 
 
 def _import_line(cls: type) -> str:
-    import mmexperts
     import transformers
+
+    import mmexperts
 
     for package in (mmexperts, transformers):
         if getattr(package, cls.__name__, None) is cls:
@@ -143,7 +144,8 @@ def write_model_card(model: PeftModel, folder: str | os.PathLike, repo_id: str |
         probe_note=PROBE_NOTE if any("_only_" in key for key in metrics or {}) else "",
         routing_plot=routing_plot, config_rows=rows,
         trainable_parameters=f"{trainable:,} of {total:,} ({100 * trainable / max(total, 1):.2f}%)",
-        prompted_tower=getattr(config, "prompted_tower", ""), complementary_tower=getattr(config, "complementary_tower", ""),
+        prompted_tower=getattr(config, "prompted_tower", ""),
+        complementary_tower=getattr(config, "complementary_tower", ""),
         num_experts=getattr(config, "num_experts", ""),
     )
     write_file_atomic(readme, str(card))

@@ -88,7 +88,8 @@ class VisionTextModelForClassification(PreTrainedModel):
 
     @classmethod
     def from_vision_text_configs(cls, vision_config: PreTrainedConfig, text_config: PreTrainedConfig, **kwargs):
-        """A randomly initialised model from the two towers' configs; ``kwargs`` go to the config (``num_labels``...)."""
+        """A randomly initialised model from the two towers' configs; ``kwargs`` go to the config
+        (``num_labels``...)."""
         return cls(VisionTextClassificationConfig.from_vision_text_configs(vision_config, text_config, **kwargs))
 
     @classmethod
@@ -290,7 +291,8 @@ class FeatureEncoderForClassification(PreTrainedModel):
         embeds_b = self.modality_b_model(features_b, attention_mask_b).pooler_output
         logits = self.classifier(self.dropout(torch.cat([embeds_a, embeds_b], -1)))
         loss = ForSequenceClassificationLoss(labels, logits, self.config) if labels is not None else None
-        output = FeatureClassifierOutput(loss=loss, logits=logits, modality_a_embeds=embeds_a, modality_b_embeds=embeds_b)
+        output = FeatureClassifierOutput(loss=loss, logits=logits, modality_a_embeds=embeds_a,
+                                         modality_b_embeds=embeds_b)
         return output if return_dict is not False else output.to_tuple()
 
 

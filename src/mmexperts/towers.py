@@ -161,7 +161,8 @@ def find_towers(model: nn.Module) -> dict[str, Tower]:
     """Find the vision and text towers of ``model``; returns ``{"vision": Tower, "text": Tower}``."""
     found: dict[str, Tower] = {}
     problems = []
-    for modality, names, inputs in (("vision", VISION_ATTRIBUTES, VISION_INPUTS), ("text", TEXT_ATTRIBUTES, TEXT_INPUTS)):
+    for modality, names, inputs in (("vision", VISION_ATTRIBUTES, VISION_INPUTS),
+                                    ("text", TEXT_ATTRIBUTES, TEXT_INPUTS)):
         located = _find_attribute(model, names)
         if located is None:
             problems.append(f"no {modality} tower under any of {list(names)}")

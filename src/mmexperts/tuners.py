@@ -205,7 +205,8 @@ class TwoTowerTuner(BaseTuner):
             output["loss"] = loss
         return output
 
-    def call_outputs(self, adapter_names: list[str], base_loss: torch.Tensor | None) -> tuple[dict, torch.Tensor | None]:
+    def call_outputs(self, adapter_names: list[str],
+                     base_loss: torch.Tensor | None) -> tuple[dict, torch.Tensor | None]:
         """The fields a call adds to the model's output and its loss (None: keep the base model's)."""
         raise NotImplementedError
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-
-from ..moe import DISPATCH_MODES
 from ..errors import ConfigError
+from ..moe import DISPATCH_MODES
 from ..registry import MMExpertsPeftType
 from ..tuners import TowerAdapterConfig
 

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from ..moe import ExpertMLPs, Router, switch_balance_loss
 from ..context import CallContext
+from ..moe import ExpertMLPs, Router, switch_balance_loss
 from ..towers import masked_mean
 from ..tuners import UnmergeableLayer
 from .config import DIRECTIONS, AltMoEConfig

@@ -3,7 +3,8 @@
 Fusion methods are meant to sit on frozen *pretrained* encoders. With no Hub access, the offline benchmark pretrains
 its own: a small ViT learns, from images alone, the colour and shape of the object in each grid cell (multi-label),
 and a small BERT learns the caption language by masked-language modelling while its [CLS] feature learns to
-reconstruct the whole caption (a sentence-level objective, the role next-sentence prediction plays for BERT's [CLS]). Both are written once, atomically, and
+reconstruct the whole caption (a sentence-level objective, the role next-sentence prediction plays for BERT's
+[CLS]). Both are written once, atomically, and
 reused by every later call (and every process) with the same recipe, seed, image size and step counts.
 """
 
@@ -22,14 +23,29 @@ import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import (BertConfig, BertForMaskedLM, BertModel, ViTConfig, ViTForImageClassification,
-                          ViTImageProcessorPil, ViTModel)
+from transformers import (
+    BertConfig,
+    BertForMaskedLM,
+    BertModel,
+    ViTConfig,
+    ViTForImageClassification,
+    ViTImageProcessorPil,
+    ViTModel,
+)
 from transformers.utils import logging as hf_logging
 
 from ..atomic import atomic_directory, exclusive_lock
-from .synthetic import (COLOURS, GRID_SIZE, MULTILABEL_TEMPLATES, SHAPES, build_tokenizer, caption_text,
-                        render_scene, sample_scene, true_captions)
-
+from .synthetic import (
+    COLOURS,
+    GRID_SIZE,
+    MULTILABEL_TEMPLATES,
+    SHAPES,
+    build_tokenizer,
+    caption_text,
+    render_scene,
+    sample_scene,
+    true_captions,
+)
 
 __all__ = ["PretrainedBackbones", "cell_targets", "default_cache_dir", "pretrained_backbones"]
 

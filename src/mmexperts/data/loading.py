@@ -42,9 +42,8 @@ from PIL import Image as PILImage
 from ..errors import DataError
 from .factors import build_factor_dataset
 from .multibench import load_multibench
-from .synthetic import MULTILABEL_NAMES
+from .synthetic import MULTILABEL_NAMES, build_synthetic_splits
 from .synthetic import TASKS as SYNTHETIC_TASKS
-from .synthetic import build_synthetic_splits
 
 TASK_TYPES = ("single_label_classification", "multi_label_classification", "retrieval")
 SINGLE_LABEL, MULTI_LABEL, RETRIEVAL = TASK_TYPES

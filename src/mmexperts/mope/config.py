@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-
 from ..errors import ConfigError
 from ..registry import MMExpertsPeftType
 from ..tuners import TowerAdapterConfig
@@ -23,13 +22,16 @@ class MoPEConfig(TowerAdapterConfig):
     Defaults follow the official code (K=4, l=6, T=0.1, w_imp=0.01, hinge 0.1).
     """
 
-    prompted_tower: str = field(default="vision", metadata={"help": "Tower that receives routed prompts: 'vision' or 'text'."})
+    prompted_tower: str = field(default="vision", metadata={
+        "help": "Tower that receives routed prompts: 'vision' or 'text'."})
     num_experts: int = field(default=4, metadata={
         "help": "Prompt experts per routed block (K); 0 drops the router and dynamic prompt (plain conditional "
                 "deep prompts, the ablation without experts)."})
     prompt_length: int = field(default=6, metadata={"help": "Tokens of the dynamic (routed) prompt."})
-    static_prompt_length: int = field(default=6, metadata={"help": "Tokens of the dataset-level static prompt; 0 disables it."})
-    mapped_prompt_length: int = field(default=1, metadata={"help": "Tokens mapped from the complementary feature; 0 disables."})
+    static_prompt_length: int = field(default=6, metadata={
+        "help": "Tokens of the dataset-level static prompt; 0 disables it."})
+    mapped_prompt_length: int = field(default=1, metadata={
+        "help": "Tokens mapped from the complementary feature; 0 disables."})
     mapper_hidden_size: int = field(default=384, metadata={"help": "Hidden width of the two-layer mapper MLP."})
     complementary_prompt_length: int = field(
         default=4, metadata={"help": "Deep prompt tokens in every block of the complementary tower; 0 disables them."})

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import math
+
 import torch
 import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from ..context import CallContext
 from ..moe import Router, importance_loss
 from ..prefix import PREFIX_KWARG, PrefixAttention, with_prompt_tokens
 from ..towers import key_padding_mask, masked_mean
-from ..context import CallContext
 from ..tuners import UnmergeableLayer
 from .config import MoPEConfig
 

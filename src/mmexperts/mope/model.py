@@ -51,7 +51,8 @@ class MoPEModel(TwoTowerTuner):
         router = c.num_experts and (prompted + 1) * c.router_self_dim + (complementary + 1) * c.router_cross_dim + (
             c.router_self_dim + c.router_cross_dim + 1) * c.num_experts
         per_block = (c.static_prompt_length + c.num_experts * c.prompt_length) * prompted + router
-        mapper = (complementary + 1) * c.mapper_hidden_size + (c.mapper_hidden_size + 1) * c.mapped_prompt_length * prompted
+        mapper = ((complementary + 1) * c.mapper_hidden_size
+                  + (c.mapper_hidden_size + 1) * c.mapped_prompt_length * prompted)
         deep = len(self.towers[c.complementary_tower].blocks) * c.complementary_prompt_length * complementary
         return blocks * per_block + mapper + deep
 

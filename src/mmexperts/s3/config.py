@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-
 from ..moe import DISPATCH_MODES
 from ..registry import MMExpertsPeftType
 from ..tuners import TowerAdapterConfig

@@ -10,8 +10,8 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from ..moe import ExpertMLPs, Router, info_nce, switch_balance_loss, z_loss
 from ..context import CallContext
+from ..moe import ExpertMLPs, Router, info_nce, switch_balance_loss, z_loss
 from ..towers import key_padding_mask, masked_mean
 from ..tuners import UnmergeableLayer
 from .config import S3Config
@@ -38,7 +38,8 @@ class S3Core(nn.Module):
     Specialization: token t goes to concept k with ``a_tk = softmax_k(<LN(h_t), c_k> / tau_a)`` (over all K keys, so a
     pruned concept does not hand its tokens to the others); concept k pools ``s_k = sum_t a_tk h_t / sum_t a_tk``
     and its expert MLP gives ``u_k = E_k(s_k)``. Selection: ``g = softmax(router([LN(mean_t h_t); e_task]) / T)``
-    over active experts (optionally top-k). Head of task t: ``logits = W_t concat_k(g_k u_k) + b_t`` (or ``W_t sum_k g_k u_k``).
+    over active experts (optionally top-k). Head of task t: ``logits = W_t concat_k(g_k u_k) + b_t`` (or
+    ``W_t sum_k g_k u_k``).
     """
 
     def __init__(self, config: S3Config, num_labels: int, device=None):

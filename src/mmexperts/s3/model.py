@@ -61,7 +61,8 @@ class S3Model(ExpertPruning, TwoTowerTuner):
         projections = sum((self.towers[m].hidden_size + 2) * d + 2 * self.towers[m].hidden_size for m in MODALITIES)
         experts = k * ((d + 1) * c.hidden_dim + (c.hidden_dim + 1) * e)
         heads = c.num_tasks * ((k * e if c.head_input == "concat" else e) + 1) * (c.num_labels or 0)
-        return projections + k * d + experts + c.num_tasks * c.task_embedding_dim + (d + c.task_embedding_dim) * k + heads
+        router = c.num_tasks * c.task_embedding_dim + (d + c.task_embedding_dim) * k
+        return projections + k * d + experts + router + heads
 
     def _create_and_replace(self, peft_config: S3Config, adapter_name: str, target: nn.Module, target_name: str,
                             parent: nn.Module, current_key: str, parameter_name: str | None = None) -> None:

@@ -9,8 +9,15 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from ..moe.utility import (UTILITY_CRITERIA, check_mask, gate_mass, gate_output_norm, leave_one_out,
-                           prune_to_sparsity, usage_frequency)
+from ..moe.utility import (
+    UTILITY_CRITERIA,
+    check_mask,
+    gate_mass,
+    gate_output_norm,
+    leave_one_out,
+    prune_to_sparsity,
+    usage_frequency,
+)
 
 
 class ExpertPruning:

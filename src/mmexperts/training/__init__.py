@@ -1,7 +1,7 @@
 """The training loop shared by every method (Accelerate), its configuration and helpers."""
 
-from .config import TrainConfig, parse_config
 from .checkpoint import TrainingState, latest_checkpoint, list_checkpoints, verify_checkpoint
+from .config import TrainConfig, parse_config
 from .loop import Trainer, check_process_group, compute_metrics, train
 from .methods import METHODS, method_config
 

@@ -180,5 +180,6 @@ def latest_checkpoint(folder: str | os.PathLike) -> tuple[Path, list[str]]:
     raise CheckpointError(f"--resume_from_checkpoint latest: no complete checkpoint under {folder}.{detail}")
 
 
-__all__ = ["CHECKPOINT_PATTERN", "MANIFEST_FILE", "STATE_FILE", "TrainingState", "check_adapter_keys", "checkpoint_step",
+__all__ = ["CHECKPOINT_PATTERN", "MANIFEST_FILE", "STATE_FILE", "TrainingState", "check_adapter_keys",
+           "checkpoint_step",
            "latest_checkpoint", "list_checkpoints", "verify_checkpoint", "write_manifest"]

@@ -20,17 +20,25 @@ from tqdm.auto import tqdm
 from transformers import AutoImageProcessor, AutoTokenizer, VisionTextDualEncoderModel, get_scheduler
 
 from ..atomic import atomic_directory, commit_directory, recover_directory, staging_path, write_file_atomic
-from ..errors import CheckpointError, ConfigError, NonFiniteLossError
 from ..data.collate import MultimodalCollator
 from ..data.loading import load_task
+from ..errors import CheckpointError, ConfigError, NonFiniteLossError
 from ..hub import push_adapter_to_hub, write_model_card
 from ..metrics import load_metric
 from ..modeling import VisionTextModelForClassification
 from ..plots import plot_routing
 from ..retrieval import VectorStore, retrieval_recall
 from .alternating import DirectionSchedule, schedule_step
-from .checkpoint import (STATE_FILE, TrainingState, check_adapter_keys, checkpoint_step, latest_checkpoint,
-                         list_checkpoints, verify_checkpoint, write_manifest)
+from .checkpoint import (
+    STATE_FILE,
+    TrainingState,
+    check_adapter_keys,
+    checkpoint_step,
+    latest_checkpoint,
+    list_checkpoints,
+    verify_checkpoint,
+    write_manifest,
+)
 from .config import SYNTHETIC_BACKBONES, TrainConfig
 from .methods import RETRIEVAL_METHODS, default_classifier_input, method_config
 from .probes import fit_linear_probe, pooled_features
