@@ -30,14 +30,13 @@ import multiprocessing as mp
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 import traceback
 import warnings
 from pathlib import Path
 
-from harness import reset_peak, status_kib
+from harness import cpu_name, git_commit, reset_peak, status_kib
 
 HERE = Path(__file__).resolve().parent
 NUM_LABELS = 101
@@ -273,20 +272,7 @@ def _environment(options: dict) -> list[str]:
     import torch
     import transformers
 
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
-                                timeout=10).stdout.strip() or "unknown"
-    except Exception:  # noqa: BLE001  (no git, not a checkout...)
-        commit = "unknown"
+    cpu, commit = cpu_name(), git_commit(HERE)
     return [
         f"- commit: `{commit}`",
         f"- python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "

@@ -37,14 +37,13 @@ import math
 import os
 import platform
 import random
-import subprocess
 import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
-from harness import reset_peak, status_kib
+from harness import cpu_name, git_commit, reset_peak, status_kib
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
@@ -357,17 +356,7 @@ def environment(args) -> list[str]:
     import torch
     import transformers
 
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as handle:
-            cpu = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
-                                timeout=10).stdout.strip() or "unknown"
-    except Exception:  # noqa: BLE001  (no git, not a checkout...)
-        commit = "unknown"
+    cpu, commit = cpu_name(), git_commit(HERE)
     return [
         f"- commit: `{commit}` (plus uncommitted changes, if any)",
         f"- python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "

@@ -1,6 +1,31 @@
-"""What the benchmarks share: reading and resetting a process's memory marks (Linux /proc)."""
+"""What the benchmarks share: the machine's description and a process's memory marks (Linux /proc)."""
 
 from __future__ import annotations
+
+import platform
+import subprocess
+from pathlib import Path
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), or what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def git_commit(folder: Path) -> str:
+    """The short commit of the checkout holding ``folder``, or "unknown"."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=folder, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or "unknown"
+    except Exception:  # noqa: BLE001  (no git, not a checkout...)
+        return "unknown"
 
 
 def status_kib(field: str) -> int | None:
