@@ -182,7 +182,7 @@ class TwoTowerTuner(BaseTuner):
             return
         inputs = gather_inputs(self.model, args, kwargs)
         with self.calling(inputs), self.call_hooks(inputs, names):
-            handle = self.model.register_forward_hook(self._attach_outputs)
+            handle = self.model.register_forward_hook(lambda module, args, output: self._attach_outputs(output, names))
             try:
                 yield
             finally:
@@ -192,13 +192,13 @@ class TwoTowerTuner(BaseTuner):
         """Hooks a call needs besides the layers' recording (a context manager); none by default."""
         return nullcontext()
 
-    def _attach_outputs(self, module, args, output):
+    def _attach_outputs(self, output, names: list[str]):
+        """Add the call's adapter outputs (of the adapters ``names`` that ran) to the model's output."""
         if not hasattr(output, "keys"):
             return output
-        names = self.active_adapter_names()
         fields, loss = self.call_outputs(names, output.get("loss"))
-        fields.setdefault("aux_loss", self.zero(output))
-        fields.setdefault("routing_weights", self.routing_weights(names, output))
+        fields.setdefault("aux_loss", self.zero())
+        fields.setdefault("routing_weights", self.routing_weights(names))
         for key, value in fields.items():
             output[key] = value
         if loss is not None:
@@ -210,25 +210,26 @@ class TwoTowerTuner(BaseTuner):
         """The fields a call adds to the model's output and its loss (None: keep the base model's)."""
         raise NotImplementedError
 
-    def routing_weights(self, adapter_names: list[str], output=None) -> torch.Tensor | dict:
+    def routing_weights(self, adapter_names: list[str]) -> torch.Tensor | dict:
         """Routing weights recorded in this call, (sites, batch, K) per adapter (a dict for several adapters);
         (0, batch, 0) where an adapter routes nothing."""
-        batch = self.batch_size(output)
+        batch = self.batch_size()
         stacked = {name: torch.stack(self.context.routing[name]) if self.context.routing.get(name)
-                   else self.zero(output).new_zeros(0, batch, 0) for name in adapter_names}
+                   else self.zero().new_zeros(0, batch, 0) for name in adapter_names}
         return stacked[adapter_names[0]] if len(stacked) == 1 else stacked
 
-    def aux_loss(self, adapter_names: list[str], output=None) -> torch.Tensor:
+    def aux_loss(self, adapter_names: list[str]) -> torch.Tensor:
         """Mean auxiliary loss of the routing sites recorded in this call (0 where there are none)."""
         losses = [loss for name in adapter_names for loss in self.context.aux_losses.get(name, [])]
-        return torch.stack(losses).mean() if losses else self.zero(output)
+        return torch.stack(losses).mean() if losses else self.zero()
 
-    def zero(self, output=None) -> torch.Tensor:
+    def zero(self) -> torch.Tensor:
         """A scalar 0 on the model's device."""
         parameter = next(self.model.parameters())
         return torch.zeros((), device=parameter.device)
 
-    def batch_size(self, output=None) -> int:
+    def batch_size(self) -> int:
+        """The batch size of the current call (the first dimension of its first tensor input; 0 without one)."""
         for value in self.context.inputs.values():
             if isinstance(value, torch.Tensor) and value.dim() > 0:
                 return value.shape[0]

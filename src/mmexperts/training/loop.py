@@ -208,6 +208,7 @@ class Trainer:
         self.model, self.optimizer, self.train_loader, self.eval_loader, self.scheduler = accelerator.prepare(
             self.model, optimizer, self.train_loader, self.eval_loader, scheduler)
         self.schedule = DirectionSchedule.for_model(self.model)  # None unless the adapter has directions
+        self.trained_parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
         accelerator.register_save_state_pre_hook(self._keep_adapter_weights_only)
         if config.report_to != "none":
             accelerator.init_trackers("mmexperts", {k: v for k, v in vars(config).items()
@@ -303,7 +304,7 @@ class Trainer:
 
     def _step_is_finite(self, loss_finite: bool) -> bool:
         """Whether every process's loss and the synchronised gradients are finite (clipping, if set, happens here)."""
-        parameters = [p for p in self.model.parameters() if p.requires_grad]
+        parameters = self.trained_parameters
         if self.config.max_grad_norm > 0:
             norm = self.accelerator.clip_grad_norm_(parameters, self.config.max_grad_norm)  # unscales fp16 grads
         else:
