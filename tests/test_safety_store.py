@@ -17,8 +17,9 @@ from safetensors.torch import load_file, save_file
 
 from mmexperts import AltMoEConfig, MoPEConfig, S3Config, VectorStore
 from mmexperts.altmoe.features import FEATURES_FILE, CachedFeatures, cache_features
+from mmexperts.checksums import tensor_sha256
 from mmexperts.errors import CorruptFileError
-from mmexperts.retrieval import CONFIG_FILE, VECTORS_FILE, _sha256
+from mmexperts.retrieval import CONFIG_FILE, VECTORS_FILE
 
 from conftest import make_batch, make_classifier, make_clip
 
@@ -60,7 +61,7 @@ def rewrite_tensors(folder: Path, change, update_checksums: bool = False) -> Non
     change(tensors)
     save_file(tensors, str(folder / VECTORS_FILE))
     if update_checksums:
-        edit_config(folder, lambda config: config.update(sha256={k: _sha256(v) for k, v in tensors.items()}))
+        edit_config(folder, lambda config: config.update(sha256={k: tensor_sha256(v) for k, v in tensors.items()}))
 
 
 def corrupt(file: Path, match: str, load=VectorStore.load, target: Path | None = None) -> CorruptFileError:

@@ -9,7 +9,6 @@ Recall is counted by the ``recall_at_k`` evaluate metric of this package, so the
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -26,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .atomic import atomic_directory
+from .checksums import tensor_sha256
 from .errors import CorruptFileError
 from .metrics import load_metric
 
@@ -283,7 +283,7 @@ class VectorStore:
         config = {"format_version": FORMAT_VERSION, "count": len(self), "dim": self.dim, "metric": METRIC,
                   "index_type": self.index_type, "index_params": self.params,
                   "id_type": "int" if self.ids.dtype.kind == "i" else "str", "ids": self.ids.tolist(),
-                  "sha256": {name: _sha256(tensor) for name, tensor in tensors.items()}}
+                  "sha256": {name: tensor_sha256(tensor) for name, tensor in tensors.items()}}
         with atomic_directory(path) as staging:
             save_file(tensors, str(staging / VECTORS_FILE))
             (staging / CONFIG_FILE).write_text(json.dumps(config))
@@ -309,11 +309,6 @@ class VectorStore:
                        **config["index_params"])
         except (OverflowError, TypeError, ValueError) as error:
             raise CorruptFileError(path, f"The saved store is inconsistent ({error}); {REBUILD}.") from error
-
-
-def _sha256(tensor: torch.Tensor) -> str:
-    """Hex sha256 of a tensor's raw bytes."""
-    return hashlib.sha256(tensor.contiguous().numpy().reshape(-1).view(np.uint8)).hexdigest()
 
 
 def _is_int(value) -> bool:
@@ -393,7 +388,7 @@ def _read_tensors(file: Path, config: dict) -> dict[str, torch.Tensor]:
         raise CorruptFileError(file.with_name(CONFIG_FILE), f"Holds sha256 sums for {sorted(config['sha256'])}, "
                                                             f"expected {sorted(expected)}; {REBUILD}.")
     for name, tensor in tensors.items():
-        digest = _sha256(tensor)
+        digest = tensor_sha256(tensor)
         if digest != config["sha256"][name]:
             raise CorruptFileError(file, f"The {name!r} tensor has sha256 {digest[:16]}..., {CONFIG_FILE} records "
                                          f"{str(config['sha256'][name])[:16]}...; the file was damaged or changed "

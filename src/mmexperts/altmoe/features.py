@@ -8,7 +8,6 @@ checks and reads it as a torch dataset whose batches feed ``AltMoEModel.connect`
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -22,6 +21,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_directory
+from ..checksums import tensor_sha256
 from ..errors import CorruptFileError
 from .model import AltMoEModel
 from .outputs import AltMoEOutput
@@ -32,11 +32,6 @@ FEATURE_KEYS = ("image_tokens", "image_mask", "text_tokens", "text_mask")
 FEATURE_LAYOUT = {"image_tokens": (torch.float32, 3), "image_mask": (torch.int64, 2), "text_tokens": (torch.float32, 3),
                   "text_mask": (torch.int64, 2), "image_ids": (torch.int64, 1)}
 RECREATE = "recreate the cache with cache_features(model, loader, path)"
-
-
-def _sha256(tensor: torch.Tensor) -> str:
-    """Hex sha256 of a tensor's raw bytes."""
-    return hashlib.sha256(tensor.contiguous().numpy().reshape(-1).view("uint8")).hexdigest()
 
 
 def _tuner(model: nn.Module) -> AltMoEModel:
@@ -80,7 +75,7 @@ def cache_features(model: nn.Module, batches, path: str | os.PathLike, progress:
     metadata = {"vision_hidden_size": str(tensors["image_tokens"].shape[-1]),
                 "text_hidden_size": str(tensors["text_tokens"].shape[-1]),
                 "base_model": str(getattr(tuner.model, "name_or_path", "")),
-                "sha256": json.dumps({key: _sha256(value) for key, value in tensors.items()})}
+                "sha256": json.dumps({key: tensor_sha256(value) for key, value in tensors.items()})}
     with atomic_directory(path) as staging:
         save_file(tensors, str(staging / FEATURES_FILE), metadata=metadata)
     return Path(path)
@@ -159,7 +154,7 @@ def _check_cache(file: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
         raise CorruptFileError(file, f"Metadata sha256 covers {sorted(sums) if isinstance(sums, dict) else sums!r}, "
                                      f"expected the tensors {sorted(tensors)}; {RECREATE}.")
     for key, tensor in tensors.items():
-        digest = _sha256(tensor)
+        digest = tensor_sha256(tensor)
         if digest != sums[key]:
             raise CorruptFileError(file, f"Tensor {key!r} has sha256 {digest[:16]}..., the metadata records "
                                          f"{str(sums[key])[:16]}...; the file was damaged or changed after saving, "

@@ -28,7 +28,6 @@ reused without any network access. ``python -m mmexperts.offline.real_towers [--
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import math
@@ -45,6 +44,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from ..atomic import atomic_directory, exclusive_lock
+from ..checksums import file_sha256
 from ..errors import CorruptFileError, FetchError
 
 logger = logging.getLogger(__name__)
@@ -131,17 +131,9 @@ def _find_wheel(wheel: Wheel, folder: Path, cache: Path | None = None) -> Path:
     return found[0]
 
 
-def sha256_of(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def check_wheel(path: Path, wheel: Wheel) -> None:
     """Refuse a wheel whose sha256 is not the pinned one."""
-    digest = sha256_of(path)
+    digest = file_sha256(path)
     if digest != wheel.sha256:
         raise CorruptFileError(
             path, f"sha256 {digest} is not the pinned {wheel.sha256} of {wheel.requirement}: refusing it (a corrupt "

@@ -6,7 +6,6 @@ A folder without a valid manifest is incomplete and never resumed from; nothing 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -17,6 +16,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 from ..atomic import write_file_atomic
+from ..checksums import file_sha256
 from ..errors import CheckpointError
 
 MANIFEST_FILE = "checkpoint.json"
@@ -65,18 +65,10 @@ class TrainingState:
         return cls(**values)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_manifest(folder: str | os.PathLike, step: int) -> Path:
     """Record the size and sha256 of every file in ``folder``; written last, it marks the checkpoint complete."""
     folder = Path(folder)
-    files = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+    files = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": file_sha256(p)}
              for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST_FILE}
     manifest = {"format_version": MANIFEST_VERSION, "step": step, "files": files}
     return write_file_atomic(folder / MANIFEST_FILE, json.dumps(manifest, indent=2))
@@ -115,7 +107,7 @@ def verify_checkpoint(folder: str | os.PathLike) -> list[str]:
         path = folder / name
         if not path.is_file():
             problem = f"{name} is missing"
-        elif path.stat().st_size != record.get("size") or _sha256(path) != record.get("sha256"):
+        elif path.stat().st_size != record.get("size") or file_sha256(path) != record.get("sha256"):
             problem = f"{name} does not match its recorded size and sha256"
         else:
             continue
