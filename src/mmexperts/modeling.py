@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from huggingface_hub.dataclasses import strict
@@ -110,12 +111,10 @@ class VisionTextModelForClassification(PreTrainedModel):
                                                                          **kwargs)
         return cls(config, vision_model=vision_model, text_model=text_model)
 
-    @property
+    @cached_property
     def towers(self) -> dict:
         """The vision and text towers (how each takes its inputs and pools its summary), found once."""
-        if "_towers" not in self.__dict__:
-            self.__dict__["_towers"] = find_towers(self)
-        return self.__dict__["_towers"]
+        return find_towers(self)
 
     def forward(self, pixel_values: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None,
@@ -148,20 +147,19 @@ class VisionTextModelForClassification(PreTrainedModel):
                                             text_embeds=text_embeds)
         return output if return_dict is not False else output.to_tuple()
 
+    @cached_property
     def tower_keywords(self) -> dict[str, tuple[str, ...]]:
         """Per tower, the keyword arguments its ``forward`` names that this model's ``forward`` routes to it."""
-        if "_tower_keywords" not in self.__dict__:
-            own = set(inspect.signature(type(self).forward).parameters)
-            names = {}
-            for modality, module in (("vision", self.vision_model), ("text", self.text_model)):
-                parameters = inspect.signature(type(module).forward).parameters.values()
-                names[modality] = tuple(p.name for p in parameters if p.name not in own and p.name != "self"
-                                        and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL))
-            self.__dict__["_tower_keywords"] = names
-        return self.__dict__["_tower_keywords"]
+        own = set(inspect.signature(type(self).forward).parameters)
+        names = {}
+        for modality, module in (("vision", self.vision_model), ("text", self.text_model)):
+            parameters = inspect.signature(type(module).forward).parameters.values()
+            names[modality] = tuple(p.name for p in parameters if p.name not in own and p.name != "self"
+                                    and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL))
+        return names
 
     def _route_tower_kwargs(self, kwargs: dict) -> dict[str, dict]:
-        keywords = self.tower_keywords()
+        keywords = self.tower_keywords
         routed = {modality: {k: v for k, v in kwargs.items() if k in names and v is not None}
                   for modality, names in keywords.items()}
         unknown = sorted(k for k, v in kwargs.items() if v is not None and not any(k in n for n in keywords.values()))

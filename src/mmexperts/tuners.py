@@ -7,6 +7,7 @@ import math
 import re
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, fields, replace
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -127,19 +128,15 @@ class TwoTowerTuner(BaseTuner):
 
     method_name: str = "mmexperts"
 
-    @property
+    @cached_property
     def towers(self) -> dict[str, Tower]:
         """The model's vision and text towers (found once, before injection)."""
-        if "_towers" not in self.__dict__:
-            self.__dict__["_towers"] = find_towers(self.model)
-        return self.__dict__["_towers"]
+        return find_towers(self.model)
 
-    @property
+    @cached_property
     def context(self) -> CallContext:
         """The per-call context shared by the tuner and its layers."""
-        if "_context" not in self.__dict__:
-            self.__dict__["_context"] = CallContext()
-        return self.__dict__["_context"]
+        return CallContext()
 
     def tuner_layers(self) -> list[nn.Module]:
         """The method's layers in the model, in module order."""
