@@ -2,7 +2,8 @@
 
 In the style of PEFT's ``tests/testing_common.py``: each test is a generic behaviour parametrised over the rows it
 applies to, so a new method or base model gets the whole battery by adding a row. Method-specific behaviour (MoPE prompt
-modes, S3 pruning / task ids / concepts, Alt-MoE directions / features / retrieval) lives in the method's own files.
+modes, S3 stages / keep ratio / pruning / task ids / concepts, Alt-MoE directions / features / retrieval) lives in the
+method's own files. S3 has a row per design (``s3``: the paper design, ``s3_concepts``: the concept experts).
 
 A row holds a factory for the base model, a config factory (small sizes; ``init_weights=False`` so no adapter starts as
 an identity), a batch factory (padded batches; labels where the base has a head, ``return_loss=True`` for a training
@@ -79,8 +80,16 @@ METHODS = {
         fewest_experts={"num_experts": 0}, tuner=MoPEModel, layer=MoPELayer, peft_type=MMExpertsPeftType.MOPE,
         num_layers=4, own_fields=("aux_loss", "routing_weights"), experts=r"\.mope_experts\.",
         trains_head=True, lives_in_towers=True, multi_active_error=None),
-    "s3": Method(
-        config=lambda **kw: S3Config(**{"num_experts": 4, "latent_dim": 16, "init_weights": False, **kw}),
+    "s3": Method(  # the paper design: per-modality MoE encoder layers
+        config=lambda **kw: S3Config(**{"design": "paper", "num_experts": 4, "top_k": 2, "latent_dim": 16,
+                                        "init_weights": False, **kw}),
+        fewest_experts={"num_experts": 1, "top_k": 1}, tuner=S3Model, layer=S3Layer, peft_type=MMExpertsPeftType.S3,
+        num_layers=2, own_fields=("aux_loss", "routing_weights", "fused_embeds", "modality_embeds"),
+        experts=r"\.s3_encoder\.[^.]+\.blocks\.\d+\.moe\.experts\.", trains_head=False, lives_in_towers=False,
+        multi_active_error=None, headless_effect="fused_embeds"),
+    "s3_concepts": Method(
+        config=lambda **kw: S3Config(**{"design": "concepts", "num_experts": 4, "latent_dim": 16,
+                                        "init_weights": False, **kw}),
         fewest_experts={"num_experts": 1}, tuner=S3Model, layer=S3Layer, peft_type=MMExpertsPeftType.S3,
         num_layers=2, own_fields=("aux_loss", "routing_weights", "concept_embeds", "fused_embeds"),
         experts=r"\.s3_core\.[^.]+\.experts\.", trains_head=False, lives_in_towers=False, multi_active_error=None,
@@ -190,7 +199,7 @@ class Case:
         return get_peft_model(base, self.make_config(**overrides), adapter_name=adapter_name)
 
 
-MOPE, S3, ALTMOE = (METHODS[name].config for name in ("mope", "s3", "altmoe"))
+MOPE, S3, S3_CONCEPTS, ALTMOE = (METHODS[name].config for name in ("mope", "s3", "s3_concepts", "altmoe"))
 
 TEST_CASES = [
     #    method    base            base factory       config  batch factory      training loss
@@ -202,6 +211,10 @@ TEST_CASES = [
     Case("s3",     "dual_encoder", make_dual_encoder, S3,     contrastive_batch, model_loss),
     Case("s3",     "clip",         make_clip,         S3,     contrastive_batch, model_loss),
     Case("s3",     "siglip",       make_siglip,       S3,     contrastive_batch, model_loss),
+    Case("s3_concepts", "classifier",   make_classifier,   S3_CONCEPTS, labelled_batch,    model_loss),
+    Case("s3_concepts", "dual_encoder", make_dual_encoder, S3_CONCEPTS, contrastive_batch, model_loss),
+    Case("s3_concepts", "clip",         make_clip,         S3_CONCEPTS, contrastive_batch, model_loss),
+    Case("s3_concepts", "siglip",       make_siglip,       S3_CONCEPTS, contrastive_batch, model_loss),
     Case("altmoe", "dual_encoder", make_dual_encoder, ALTMOE, contrastive_batch, model_loss),  # Alt-MoE: no head
     Case("altmoe", "clip",         make_clip,         ALTMOE, contrastive_batch, model_loss),
     Case("altmoe", "siglip",       make_siglip,       ALTMOE, contrastive_batch, model_loss),

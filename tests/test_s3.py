@@ -48,7 +48,7 @@ def feature_s3(num_experts: int = 4, seed: int = 0, **kwargs) -> peft.PeftModel:
     torch.manual_seed(seed)
     base = FeatureEncoderForClassification(FeatureEncoderConfig(feature_dim_a=DIM, feature_dim_b=DIM, hidden_size=16,
                                                                 num_hidden_layers=1, num_labels=2))
-    return peft.get_peft_model(base, S3Config(num_experts=num_experts, latent_dim=16, **kwargs))
+    return peft.get_peft_model(base, S3Config(design="concepts", num_experts=num_experts, latent_dim=16, **kwargs))
 
 
 @pytest.fixture(scope="module")
@@ -215,7 +215,8 @@ def test_sum_head_reads_the_fused_concepts():
 
 
 def test_padding_does_not_change_the_concepts():
-    model = peft.get_peft_model(make_classifier(), S3Config(num_experts=4, latent_dim=16, init_weights=False)).eval()
+    config = S3Config(design="concepts", num_experts=4, latent_dim=16, init_weights=False)
+    model = peft.get_peft_model(make_classifier(), config).eval()
     batch = make_batch()
     changed = {**batch, "input_ids": batch["input_ids"].clone()}
     changed["input_ids"][batch["attention_mask"] == 0] = 7  # other token ids behind the padding mask

@@ -1,12 +1,16 @@
-"""A bank of K two-layer MLP experts stored as stacked tensors, combined per token with sparse or dense dispatch."""
+"""A bank of K two-layer MLP experts stored as stacked tensors, combined per token with sparse or dense dispatch, and
+a token-level mixture of experts (router + bank) with batch-level keep-ratio sparsification."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from .router import Router, keep_top_fraction
 
 DISPATCH_MODES = ("sparse", "dense")
 
@@ -84,3 +88,35 @@ class ExpertMLPs(nn.Module):
         finally:
             self.__dict__["_views"] = None
         return out.index_add(0, token, torch.cat(outputs) * weights[token, expert, None])  # one scatter
+
+
+@dataclass
+class TokenMoEOutput:
+    """Mixed expert outputs (tokens, out), the kept routing weights (tokens, K; zero where not routed or pruned) and
+    the router logits (tokens, K)."""
+
+    output: torch.Tensor
+    weights: torch.Tensor
+    logits: torch.Tensor
+
+
+class TokenMoE(nn.Module):
+    """A token-level mixture of experts: ``y = sum_i g_i(x) e_i(x)`` with ``g = TopK(softmax(x W_g / T))``.
+
+    ``keep_ratio`` < 1 sparsifies a batch after routing: only the highest-scoring fraction of its (token, expert)
+    pairs runs (see :func:`~mmexperts.moe.router.keep_top_fraction`); the dropped pairs cost no expert compute.
+    """
+
+    def __init__(self, num_experts: int, in_features: int, hidden_features: int, top_k: int | None = None,
+                 temperature: float = 1.0, noise_std: float = 0.0, renormalize: bool = False, dropout: float = 0.0,
+                 dispatch: str = "sparse", device=None):
+        super().__init__()
+        self.router = Router(in_features, num_experts, temperature, noise_std, top_k=top_k, learn_keys=True,
+                             renormalize=renormalize, device=device)
+        self.experts = ExpertMLPs(num_experts, in_features, hidden_features, in_features, dropout=dropout,
+                                  dispatch=dispatch, device=device)
+
+    def forward(self, x: torch.Tensor, keep_ratio: float = 1.0) -> TokenMoEOutput:
+        routed = self.router(x)
+        weights = keep_top_fraction(routed.weights, keep_ratio)
+        return TokenMoEOutput(self.experts(x, weights), weights, routed.logits)

@@ -1,4 +1,5 @@
-"""Auxiliary losses: CV² importance (with MoPE's hinge), Switch-Transformer balance, router z-loss, InfoNCE."""
+"""Auxiliary and representation losses: CV² importance (with MoPE's hinge), Switch-Transformer balance, router z-loss,
+InfoNCE, cross-modal supervised contrastive (SupCon) and class compactness."""
 
 from __future__ import annotations
 
@@ -41,3 +42,26 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tens
     logits = F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).T / temperature
     target = torch.arange(len(logits), device=logits.device)
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
+def supervised_contrastive(a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Cross-modal SupCon: each row of ``a`` (batch, d) is an anchor against all rows of ``b``, with every row of the
+    same label a positive (``-mean_p log softmax``, averaged over anchors); symmetric over ``a -> b`` and ``b -> a``."""
+    logits = F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).T / temperature
+    labels = labels.reshape(-1)
+    positive = (labels[:, None] == labels[None, :]).float()
+    count = positive.sum(-1)
+
+    def anchored(scores):
+        return (-(scores.log_softmax(-1) * positive).sum(-1) / count).mean()
+
+    return (anchored(logits) + anchored(logits.T)) / 2
+
+
+def compactness_loss(z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """von Mises-Fisher compactness: ``-mean_i <mu_i, m_(y_i)>`` with ``mu_i`` the unit-norm row of ``z`` (batch, d)
+    and ``m_c`` the unit-norm mean direction of class ``c`` in the batch; pulls samples toward their class mean."""
+    mu = F.normalize(z.float(), dim=-1)
+    _, inverse = labels.reshape(-1).unique(return_inverse=True)
+    sums = mu.new_zeros(int(inverse.max()) + 1, mu.shape[-1]).index_add(0, inverse, mu)
+    return -(mu * F.normalize(sums, dim=-1)[inverse]).sum(-1).mean()

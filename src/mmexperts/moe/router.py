@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,23 @@ def top_k_weights(weights: torch.Tensor, k: int, renormalize: bool = True) -> to
     if not renormalize:
         return sparse
     return sparse / sparse.sum(-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
+
+
+def keep_top_fraction(weights: torch.Tensor, keep_ratio: float) -> torch.Tensor:
+    """Batch-level sparsification: keep the ``ceil(keep_ratio * n)`` largest of the ``n`` non-zero routing pairs of
+    ``weights`` (tokens, K) and zero the rest (ties: lower flat index first); ``keep_ratio=1`` returns ``weights``."""
+    if not 0 < keep_ratio <= 1:
+        raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio!r}; e.g. 0.3 keeps the top 30% of the "
+                         "routing pairs of a batch.")
+    if keep_ratio == 1:
+        return weights
+    flat = weights.reshape(-1)
+    keep = math.ceil(keep_ratio * int((flat != 0).sum()))
+    if keep == 0:
+        return weights
+    order = torch.sort(flat.detach().float(), descending=True, stable=True).indices[:keep]
+    kept = torch.zeros_like(flat, dtype=torch.bool).index_fill(0, order, True)
+    return torch.where(kept, flat, torch.zeros_like(flat)).reshape(weights.shape)
 
 
 class Router(nn.Module):

@@ -15,6 +15,7 @@ from ..moe import ExpertMLPs, Router, info_nce, switch_balance_loss, z_loss
 from ..towers import key_padding_mask, masked_mean
 from ..tuners import UnmergeableLayer
 from .config import S3Config
+from .paper import MoEEncoder, augmented_view
 
 
 @dataclass
@@ -152,9 +153,7 @@ class S3Core(nn.Module):
         views = []
         run = expert_mask[None].expand(tokens.shape[0], -1)
         for _ in range(2):
-            keep = mask.bool() & (torch.rand(mask.shape, device=tokens.device) >= config.ssl_token_drop)
-            keep = torch.where(keep.any(1, keepdim=True), keep, mask.bool())
-            noisy = tokens + config.ssl_noise_std * torch.randn_like(tokens)
+            noisy, keep = augmented_view(tokens, mask, config.ssl_token_drop, config.ssl_noise_std)
             views.append(self.concepts(noisy, self.assign(noisy, keep), run))
         alive = expert_mask.nonzero().flatten().tolist()
         return torch.stack([info_nce(views[0][:, k], views[1][:, k], config.ssl_temperature) for k in alive]).mean()
@@ -163,12 +162,13 @@ class S3Core(nn.Module):
 class S3Layer(UnmergeableLayer, nn.Module, BaseTunerLayer):
     """Wraps the token block of one tower: runs it unchanged and records its output tokens and padding mask.
 
-    Each layer owns its tower's projection into the shared latent space and modality embedding; the layer of the
-    vision tower also owns the adapter's :class:`S3Core` and its persistent expert mask (a buffer saved with the
-    adapter). The model-level hook of :class:`~mmexperts.S3Model` combines both towers' tokens.
+    Each layer owns its tower's projection to the adapter's width. Paper design: the layer also owns its modality's
+    :class:`~mmexperts.s3.paper.MoEEncoder`, and the vision layer the linear probe head. Concepts design: the layer
+    owns its modality embedding, and the vision layer the adapter's :class:`S3Core` and its persistent expert mask (a
+    buffer saved with the adapter). The model-level hook of :class:`~mmexperts.S3Model` combines both towers.
     """
 
-    adapter_layer_names = ("s3_proj", "s3_modality", "s3_core")
+    adapter_layer_names = ("s3_proj", "s3_modality", "s3_core", "s3_encoder", "s3_head")
     method_name = "S3"
     merge_reason = "S3 concepts are computed from each input's tokens"
     other_param_names = ("s3_expert_mask",)
@@ -182,15 +182,28 @@ class S3Layer(UnmergeableLayer, nn.Module, BaseTunerLayer):
         self.s3_proj = nn.ModuleDict()
         self.s3_modality = nn.ParameterDict()
         self.s3_core = nn.ModuleDict()
+        self.s3_encoder = nn.ModuleDict()
+        self.s3_head = nn.ModuleDict()
         self.s3_expert_mask = BufferDict(persistent=True)
         self.merged_adapters = []
 
     def update_layer(self, adapter_name: str, config: S3Config, owns_core: bool, num_labels: int) -> None:
-        """Create one adapter's projection (and, in the core layer, its concept experts, router, heads and mask)."""
+        """Create one adapter's projection and encoder (paper) or modality embedding (concepts); in the core (vision)
+        layer also its probe head (paper) or concept experts, router, heads and mask (concepts)."""
         device = next(self.base_layer.parameters()).device
         d = config.latent_dim
         self.s3_proj[adapter_name] = nn.Sequential(nn.LayerNorm(self.in_features, device=device),
                                                    nn.Linear(self.in_features, d, device=device))
+        if config.design == "paper":
+            self.s3_encoder[adapter_name] = MoEEncoder(config, device=device)
+            if owns_core and num_labels:
+                head = nn.Linear(2 * d, num_labels, device=device)
+                if config.init_weights:
+                    nn.init.zeros_(head.weight)
+                    nn.init.zeros_(head.bias)
+                self.s3_head[adapter_name] = head
+            self.set_adapter(self.active_adapters)
+            return
         self.s3_modality[adapter_name] = nn.Parameter(torch.randn(d, device=device) * 0.02)
         if owns_core:
             self.s3_core[adapter_name] = S3Core(config, num_labels, device=device)
@@ -198,9 +211,10 @@ class S3Layer(UnmergeableLayer, nn.Module, BaseTunerLayer):
         self.set_adapter(self.active_adapters)
 
     def project(self, adapter_name: str, tokens: torch.Tensor) -> torch.Tensor:
-        """This tower's tokens in the adapter's shared latent space, with its modality embedding."""
+        """This tower's tokens at the adapter's width (concepts: in the shared space, with its modality embedding)."""
         projection = self.s3_proj[adapter_name]
-        return projection(tokens.to(projection[1].weight.dtype)) + self.s3_modality[adapter_name]
+        projected = projection(tokens.to(projection[1].weight.dtype))
+        return projected + self.s3_modality[adapter_name] if adapter_name in self.s3_modality else projected
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         output = self.base_layer(hidden_states, *args, **kwargs)

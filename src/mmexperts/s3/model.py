@@ -1,7 +1,9 @@
-"""The S3 tuner: wraps each tower's token block, then computes concepts, routing and logits after the model runs."""
+"""The S3 tuner: wraps each tower's token block, then runs the paper design's MoE encoders (or the concept experts)
+after the model runs, and attaches routing, representations, logits and the stage's loss."""
 
 from __future__ import annotations
 
+import copy
 from types import SimpleNamespace
 
 import torch
@@ -9,9 +11,11 @@ from torch import nn
 from transformers.loss.loss_utils import ForSequenceClassificationLoss
 
 from ..errors import ConfigError
+from ..towers import masked_mean
 from ..tuners import MODALITIES, TwoTowerTuner
 from .config import S3Config
 from .layer import S3Layer, S3Output
+from .paper import PaperOutput, routing_aux_loss, selection_losses, specialization_losses, weighted_stage_loss
 from .pruning import ExpertPruning, without_s3_inputs
 
 HEAD_NAMES = ("classifier",)
@@ -22,13 +26,24 @@ OUTPUT_KEYS = {"concept_embeds": "concept_embeds", "fused_embeds": "fused_embeds
 class S3Model(ExpertPruning, TwoTowerTuner):
     """PEFT tuner for S3; see :class:`~mmexperts.S3Config`.
 
-    Outputs gain ``concept_embeds`` (batch, K, d_e; zero for pruned or unselected experts), ``fused_embeds`` (batch,
-    d_e; the gate-weighted sum of concepts), ``routing_weights`` (1, batch, K; one routing site, as the shared
-    (sites, batch, K) convention), ``concept_assignments`` (batch, tokens, K; token-to-concept weights over the
-    vision then the text tower's tokens, zero on padding), ``aux_loss`` (weighted sum of the auxiliary losses) and,
-    with a head, ``logits`` from S3's task heads (replacing the base head's) and ``loss`` = task loss + ``aux_loss``
-    (+ weighted ``ssl_loss`` in training). ``task_ids`` (batch,) may be passed to the forward call of multi-task
-    adapters; it is consumed here and never reaches the base model.
+    Paper design: outputs gain ``fused_embeds`` (batch, 2d; the pooled vision and text embeddings side by side, what a
+    linear probe reads), ``modality_embeds`` (batch, 2, d), ``routing_weights`` (2 * num_layers, batch, N; per example
+    the mean over real tokens of the kept token routing weights, the vision tower's layers first),
+    ``token_routing_weights`` (num_layers, batch, vision tokens + text tokens, N; the kept (token, expert) pairs, zero
+    elsewhere and on padding), ``aux_loss`` (weighted balance + z-loss; zero in the selection stage) and, with a head,
+    ``logits`` of the linear probe head on the detached ``fused_embeds``. ``loss`` = probe cross-entropy (with labels)
+    + ``aux_loss`` + ``stage_loss``: in the ``"specialization"`` stage (training only: it draws augmented views)
+    ``rep_loss`` and ``dsc_loss``; in the ``"selection"`` stage (whenever labels are given) ``supcon_loss`` and
+    ``compactness_loss``, each field also in the output. Stage and keep ratio: :meth:`set_stage`,
+    :meth:`set_keep_ratio`; Selection trains :meth:`selection_parameters` only.
+
+    Concepts design: outputs gain ``concept_embeds`` (batch, K, d_e; zero for pruned or unselected experts),
+    ``fused_embeds`` (batch, d_e; the gate-weighted sum of concepts), ``routing_weights`` (1, batch, K; one routing
+    site, as the shared (sites, batch, K) convention), ``concept_assignments`` (batch, tokens, K; token-to-concept
+    weights over the vision then the text tower's tokens, zero on padding), ``aux_loss`` (weighted sum of the
+    auxiliary losses) and, with a head, ``logits`` from S3's task heads (replacing the base head's) and ``loss`` =
+    task loss + ``aux_loss`` (+ weighted ``ssl_loss`` in training). ``task_ids`` (batch,) may be passed to the forward
+    call of multi-task adapters; it is consumed here and never reaches the base model.
     """
 
     prefix: str = "s3_"
@@ -57,6 +72,11 @@ class S3Model(ExpertPruning, TwoTowerTuner):
 
     def estimated_parameters(self, peft_config: S3Config) -> int:
         c = peft_config
+        if c.design == "paper":
+            d, n, h = c.latent_dim, c.num_experts, c.hidden_dim
+            block = 4 * d + 4 * d * (d + 1) + d * n + n * ((d + 1) * h + (h + 1) * d)
+            towers = sum((self.towers[m].hidden_size + 1) * d + 2 * self.towers[m].hidden_size for m in MODALITIES)
+            return towers + 2 * (c.num_layers * block + 2 * d) + (2 * d + 1) * (c.num_labels or 0)
         d, k, e = c.latent_dim, c.num_experts, c.concept_dim
         projections = sum((self.towers[m].hidden_size + 2) * d + 2 * self.towers[m].hidden_size for m in MODALITIES)
         experts = k * ((d + 1) * c.hidden_dim + (c.hidden_dim + 1) * e)
@@ -86,14 +106,79 @@ class S3Model(ExpertPruning, TwoTowerTuner):
         return {layer.modality: layer for layer in self.tuner_layers()}
 
     def call_hooks(self, inputs: dict, adapter_names: list[str]):
-        with_heads = any(self.peft_config[name].num_labels for name in adapter_names)
-        return without_s3_inputs(self.model, ("task_ids", "labels") if with_heads else ("task_ids",))
+        configs = [self.peft_config[name] for name in adapter_names]
+        takes_labels = any(c.num_labels or c.stage == "selection" for c in configs)
+        return without_s3_inputs(self.model, ("task_ids", "labels") if takes_labels else ("task_ids",))
 
-    def compute(self, adapter_name: str) -> S3Output | None:
+    # ---- the paper design's stages -------------------------------------------------------------------------------
+    def _paper_config(self, adapter_name: str | None, what: str) -> tuple[str, S3Config]:
+        name = self.single_adapter(adapter_name)
+        config = self.peft_config[name]
+        if config.design != "paper":
+            raise ValueError(f"{what} belongs to S3's paper design, but adapter {name!r} has design="
+                             f"{config.design!r}; the concepts design sparsifies through its expert mask (prune, "
+                             "set_expert_mask) and fine-tunes router_and_head_parameters().")
+        return name, config
+
+    def _set_checked(self, adapter_name: str | None, what: str, field_name: str, value) -> None:
+        name, config = self._paper_config(adapter_name, what)
+        trial = copy.copy(config)
+        setattr(trial, field_name, value)
+        trial.__post_init__()  # the config's own checks (ConfigError naming the field)
+        setattr(config, field_name, getattr(trial, field_name))
+
+    def set_keep_ratio(self, keep_ratio: float, adapter_name: str | None = None) -> None:
+        """Stage 3, Sparsification: keep the top ``keep_ratio`` of each batch's (token, expert) routing pairs per MoE
+        layer (1.0: all). Changes no weight; stored in the config, so it is saved with the adapter."""
+        self._set_checked(adapter_name, "set_keep_ratio", "keep_ratio", keep_ratio)
+
+    def set_stage(self, stage: str, adapter_name: str | None = None) -> None:
+        """Choose the loss: ``"specialization"`` (stage 1, self-supervised) or ``"selection"`` (stage 2, labels)."""
+        self._set_checked(adapter_name, "set_stage", "stage", stage)
+
+    def selection_parameters(self, adapter_name: str | None = None) -> list[nn.Parameter]:
+        """Stage 2 trains these only: the routers of every MoE layer of both modalities."""
+        name, _ = self._paper_config(adapter_name, "selection_parameters")
+        return [p for layer in self._layers().values() for p in layer.s3_encoder[name].router_parameters()]
+
+    def compute_paper(self, adapter_name: str) -> PaperOutput:
+        """The paper design over the tokens recorded in the current call, for one adapter."""
+        config, layers, context = self.peft_config[adapter_name], self._layers(), self.context
+        tokens = {m: (layers[m].project(adapter_name, context.tokens[m][0]), context.tokens[m][1]) for m in MODALITIES}
+
+        def encode(modality, latent, mask):
+            return layers[modality].s3_encoder[adapter_name](latent, mask, config.keep_ratio)
+
+        encoded = {m: encode(m, *tokens[m]) for m in MODALITIES}
+        clean = {m: encoded[m].pooled for m in MODALITIES}
+        fused = torch.cat(list(clean.values()), -1)
+        real = {m: tokens[m][1] for m in MODALITIES}
+        routing = torch.stack([masked_mean(w, real[m]) for m in MODALITIES for w in encoded[m].weights])
+        token_routing = torch.stack([torch.cat(pair, 1) for pair in zip(*(encoded[m].weights for m in MODALITIES))])
+        selection = config.stage == "selection"
+        aux = fused.new_zeros(()) if selection else routing_aux_loss(list(encoded.values()), config)
+        labels = context.inputs.get("labels")
+        head = layers["vision"].s3_head
+        logits = head[adapter_name](fused.detach()) if adapter_name in head else None
+        losses = {}
+        if selection and labels is not None:
+            losses = selection_losses(clean, torch.as_tensor(labels, device=fused.device), config)
+        elif selection and self.model.training:
+            raise ValueError("The selection stage trains the routers with labels: pass labels=... (one class id per "
+                             "example) to the forward call, or set_stage('specialization').")
+        elif not selection and self.model.training:
+            losses = specialization_losses(encode, tokens, clean, config)
+        stage_loss = weighted_stage_loss(losses, config) if losses else None
+        return PaperOutput(fused, torch.stack(list(clean.values()), 1), routing, token_routing, aux, logits, losses,
+                           stage_loss)
+
+    def compute(self, adapter_name: str) -> S3Output | PaperOutput | None:
         """S3 over the tokens recorded in the current call, for one adapter (None if a tower did not run)."""
         context, layers = self.context, self._layers()
         if any(m not in context.tokens for m in MODALITIES):
             return None
+        if self.peft_config[adapter_name].design == "paper":
+            return self.compute_paper(adapter_name)
         tokens = torch.cat([layers[m].project(adapter_name, context.tokens[m][0]) for m in MODALITIES], 1)
         mask = torch.cat([context.tokens[m][1] for m in MODALITIES], 1)
         core = layers["vision"]
@@ -106,24 +191,32 @@ class S3Model(ExpertPruning, TwoTowerTuner):
                                  problem_type=getattr(self.model.config, "problem_type", None))
         return ForSequenceClassificationLoss(labels.to(logits.device), logits, config)
 
+    def _fields_and_loss(self, name: str, result: S3Output | PaperOutput) -> tuple[dict, torch.Tensor | None]:
+        """One adapter's output fields and the loss it adds besides ``aux_loss`` and the task loss."""
+        if isinstance(result, PaperOutput):
+            return result.fields(), result.stage_loss
+        fields = {key: getattr(result, attribute) for key, attribute in OUTPUT_KEYS.items()}
+        fields["routing_weights"] = fields["routing_weights"][None]
+        if result.ssl_loss is None:
+            return fields, None
+        return {**fields, "ssl_loss": result.ssl_loss}, self.peft_config[name].ssl_loss_weight * result.ssl_loss
+
     def call_outputs(self, adapter_names: list[str], base_loss):
         results = {name: result for name in adapter_names if (result := self.compute(name)) is not None}
         if not results:
             return {}, None
         single = len(results) == 1
+        per_adapter = {name: self._fields_and_loss(name, result) for name, result in results.items()}
         fields = {}
-        for key, attribute in OUTPUT_KEYS.items():
-            values = {name: getattr(result, attribute) for name, result in results.items()}
-            if key == "routing_weights":
-                values = {name: value[None] for name, value in values.items()}
+        for key in dict.fromkeys(key for adapter_fields, _ in per_adapter.values() for key in adapter_fields):
+            values = {name: f[key] for name, (f, _) in per_adapter.items() if key in f}
             fields[key] = next(iter(values.values())) if single else values
         aux = sum(result.aux_loss for result in results.values())
         fields["aux_loss"] = aux
         extra = aux
-        ssl = {n: r.ssl_loss for n, r in results.items() if r.ssl_loss is not None}
+        ssl = [loss for _, loss in per_adapter.values() if loss is not None]
         if ssl:
-            fields["ssl_loss"] = next(iter(ssl.values())) if single else ssl
-            extra = extra + sum(self.peft_config[n].ssl_loss_weight * loss for n, loss in ssl.items())
+            extra = extra + sum(ssl)
         heads = [result.logits for result in results.values() if result.logits is not None]
         labels = self.context.inputs.get("labels")
         if heads:
@@ -132,4 +225,4 @@ class S3Model(ExpertPruning, TwoTowerTuner):
                 return fields, self.task_loss(fields["logits"], labels) + extra
         if base_loss is not None:
             return fields, base_loss + extra.to(base_loss.dtype)
-        return fields, extra if ssl and self.model.training else None  # Specialization alone: no labels
+        return fields, extra if ssl else None  # a stage's loss without labels (or without a head)

@@ -24,13 +24,23 @@ class ExpertPruning:
     """Expert masks, utilities and pruning of an S3 tuner (needs ``_layers``, ``compute``, ``task_loss``,
     ``calling`` and ``single_adapter`` of :class:`~mmexperts.S3Model`)."""
 
+    def _concept_adapter(self, adapter_name: str | None) -> str:
+        """``adapter_name`` checked (or the one active adapter), refusing paper-design adapters."""
+        name = self.single_adapter(adapter_name)
+        if self.peft_config[name].design != "concepts":
+            raise ValueError(f"Expert masks, utilities and pruning belong to S3's concepts design, but adapter "
+                             f"{name!r} has design={self.peft_config[name].design!r}, which sparsifies at inference "
+                             "with set_keep_ratio(p). Create the adapter with S3Config(design='concepts', ...) for "
+                             "expert pruning.")
+        return name
+
     def get_expert_mask(self, adapter_name: str | None = None) -> torch.Tensor:
         """A copy of the adapter's expert mask (K,) bool; ``False`` marks pruned experts."""
-        return self._layers()["vision"].s3_expert_mask[self.single_adapter(adapter_name)].clone()
+        return self._layers()["vision"].s3_expert_mask[self._concept_adapter(adapter_name)].clone()
 
     def set_expert_mask(self, mask, adapter_name: str | None = None) -> None:
         """Set the adapter's persistent expert mask (saved and loaded with the adapter)."""
-        name = self.single_adapter(adapter_name)
+        name = self._concept_adapter(adapter_name)
         masks = self._layers()["vision"].s3_expert_mask
         masks[name] = check_mask(mask, masks[name].numel()).to(masks[name].device)
 
@@ -42,7 +52,7 @@ class ExpertPruning:
     def routing_statistics(self, batches: Iterable[dict], adapter_name: str | None = None) -> dict[str, torch.Tensor]:
         """Routing weights (examples, K), concept embeddings (examples, K, d_e), logits and labels over ``batches``
         (eval mode, one adapter, whatever adapters are active)."""
-        name = self.single_adapter(adapter_name)
+        name = self._concept_adapter(adapter_name)
         was_training = self.model.training
         self.model.eval()
         collected = {"routing_weights": [], "concept_embeds": [], "logits": [], "labels": []}
@@ -66,7 +76,7 @@ class ExpertPruning:
     def evaluate_loss(self, batches: Iterable[dict], adapter_name: str | None = None,
                       expert_mask: torch.Tensor | None = None) -> float:
         """Mean task loss over labelled ``batches`` (optionally under a temporary expert mask)."""
-        name = self.single_adapter(adapter_name)
+        name = self._concept_adapter(adapter_name)
         saved = self.get_expert_mask(name)
         if expert_mask is not None:
             self.set_expert_mask(expert_mask, name)
@@ -87,7 +97,7 @@ class ExpertPruning:
         """
         if criterion not in UTILITY_CRITERIA:
             raise ValueError(f"criterion must be one of {UTILITY_CRITERIA}, got {criterion!r}.")
-        name = self.single_adapter(adapter_name)
+        name = self._concept_adapter(adapter_name)
         batches = list(batches)
         mask = self.get_expert_mask(name)
         if criterion == "loss":
@@ -106,7 +116,7 @@ class ExpertPruning:
         ``schedule="progressive"`` removes one expert at a time, rescoring (and calling ``on_prune(mask)``, e.g. a short
         fine-tune) after each removal.
         """
-        name = self.single_adapter(adapter_name)
+        name = self._concept_adapter(adapter_name)
         batches = list(batches)
 
         def utility_of(mask):
@@ -124,12 +134,12 @@ class ExpertPruning:
 
     def restore_experts(self, adapter_name: str | None = None) -> None:
         """Un-prune: make every expert active again."""
-        name = self.single_adapter(adapter_name)
+        name = self._concept_adapter(adapter_name)
         self.set_expert_mask(torch.ones_like(self.get_expert_mask(name)), name)
 
     def router_and_head_parameters(self, adapter_name: str | None = None) -> list[nn.Parameter]:
         """The parameters a post-pruning fine-tune trains: the router, task embedding and heads."""
-        core = self._layers()["vision"].s3_core[self.single_adapter(adapter_name)]
+        core = self._layers()["vision"].s3_core[self._concept_adapter(adapter_name)]
         params = [*core.router.parameters(), *core.task_embedding.parameters(), *core.summary_norm.parameters()]
         return params + ([core.head_weight, core.head_bias] if core.num_labels else [])
 
