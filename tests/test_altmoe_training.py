@@ -51,7 +51,7 @@ def test_each_step_trains_one_direction_and_joint_sums_both():
     torch.testing.assert_close(losses[None], losses["image_to_text"] + losses["text_to_image"])
 
 
-def test_retrieval_recipe_trains_and_reports_recall(backbones, tmp_path):
+def test_retrieval_recipe_trains_and_reports_recall(backbones, tmp_path, capsys):
     results = train(tiny_config(backbones, tmp_path, **RETRIEVAL))
     expected = {f"eval_{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)} | {"eval_rsum"}
     assert expected <= set(results) and results["steps"] == 6
@@ -59,7 +59,12 @@ def test_retrieval_recipe_trains_and_reports_recall(backbones, tmp_path):
     assert results["eval_rsum"] == pytest.approx(sum(results[k] for k in expected - {"eval_rsum"}))
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "ALTMOE"
-    assert "eval_rsum" in (tmp_path / "adapter" / "README.md").read_text()
+    card = (tmp_path / "adapter" / "README.md").read_text()
+    assert "eval_rsum" in card
+    for plot in ("recall.png", "expert_usage.png"):  # Recall@K per direction, expert usage per direction
+        assert (tmp_path / "adapter" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({plot})" in card
+    assert "README.md), recall.png, expert_usage.png" in capsys.readouterr().out
 
 
 @pytest.mark.skipif(shutil.which("mpirun") is None, reason="OpenMPI's mpirun is not installed (.ci/run installs it)")

@@ -104,13 +104,15 @@ def _metric_rows(metrics: dict) -> list[tuple[str, object]]:
 def write_model_card(model: PeftModel, folder: str | os.PathLike, repo_id: str | None = None,
                      adapter_name: str = "default", dataset: str | None = None, metrics: dict | None = None,
                      routing_plot: str | None = None, tags: list[str] | None = None,
-                     adapter_path: str | None = None, for_hub: bool = False) -> ModelCard:
+                     adapter_path: str | None = None, for_hub: bool = False,
+                     plots: list[str] | None = None) -> ModelCard:
     """Render the method's card template over the README that PEFT wrote into ``folder`` (keeping its metadata).
 
     ``base_model`` names what the base was built from (its Hub ids, or local folders as absolute paths; for the Hub,
     ``for_hub=True``, local paths stay out of the metadata, which takes model ids only, and are named in the text).
     "How to use" rebuilds that base and loads the adapter from ``adapter_path`` (default: ``repo_id``, else
-    ``folder``), and runs as written.
+    ``folder``), and runs as written. ``routing_plot`` and ``plots`` name PNG files in ``folder`` that the card shows
+    (the template decides where: MoPE and S3 show the routing plot, Alt-MoE its plots).
     """
     config = model.peft_config[adapter_name]
     method = config.peft_type.value.lower()
@@ -142,7 +144,7 @@ def write_model_card(model: PeftModel, folder: str | os.PathLike, repo_id: str |
         load_base=_base_snippet(model.get_base_model(), names), adapter_literal=repr(str(adapter_path)),
         dataset=dataset, metrics=dict(_metric_rows(metrics or {})),
         probe_note=PROBE_NOTE if any("_only_" in key for key in metrics or {}) else "",
-        routing_plot=routing_plot, config_rows=rows,
+        routing_plot=routing_plot, plots=list(plots or []), config_rows=rows,
         trainable_parameters=f"{trainable:,} of {total:,} ({100 * trainable / max(total, 1):.2f}%)",
         prompted_tower=getattr(config, "prompted_tower", ""),
         complementary_tower=getattr(config, "complementary_tower", ""),
@@ -164,13 +166,14 @@ def push_adapter_to_hub(model: PeftModel, repo_id: str, *, commit_message: str |
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     with tempfile.TemporaryDirectory() as folder:
         model.save_pretrained(folder, **{k: v for k, v in save_kwargs.items() if k != "max_shard_size"})
-        routing_plot = None
         for name, path in (extra_files or {}).items():
             target = Path(folder) / name
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(Path(path).read_bytes())
-            routing_plot = name if name.endswith(".png") and routing_plot is None else routing_plot
+        plots = [name for name in extra_files or {} if name.endswith(".png")]
+        routing_plot = "routing.png" if "routing.png" in plots else next(iter(plots), None)
         adapter_name = "default" if "default" in model.peft_config else next(iter(model.peft_config))
-        write_model_card(model, folder, repo_id, adapter_name, dataset, metrics, routing_plot, tags, for_hub=True)
+        write_model_card(model, folder, repo_id, adapter_name, dataset, metrics, routing_plot, tags, for_hub=True,
+                         plots=plots)
         return api.upload_folder(repo_id=repo_id, folder_path=folder, token=token, revision=revision,
                                  create_pr=create_pr, commit_message=commit_message or "Upload mmexperts adapter")

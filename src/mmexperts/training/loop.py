@@ -19,6 +19,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoImageProcessor, AutoTokenizer, VisionTextDualEncoderModel, get_scheduler
 
+from ..altmoe.config import DIRECTIONS
+from ..altmoe.layer import BRANCHES
 from ..atomic import atomic_directory, commit_directory, recover_directory, staging_path, write_file_atomic
 from ..data.collate import MultimodalCollator
 from ..data.loading import load_task
@@ -26,7 +28,7 @@ from ..errors import CheckpointError, ConfigError, NonFiniteLossError
 from ..hub import push_adapter_to_hub, write_model_card
 from ..metrics import load_metric
 from ..modeling import VisionTextModelForClassification
-from ..plots import plot_routing
+from ..plots import plot_class_usage, plot_direction_usage, plot_recall, plot_routing
 from ..retrieval import VectorStore, retrieval_recall
 from .alternating import DirectionSchedule, schedule_step
 from .checkpoint import (
@@ -378,9 +380,10 @@ class Trainer:
         return {**{k: v for k, v in batch.items() if k != "image_ids"}, "return_loss": return_loss}
 
     @torch.no_grad()
-    def evaluate_retrieval(self) -> dict:
+    def evaluate_retrieval(self) -> tuple[dict, np.ndarray | None]:
         """Recall@1/5/10 in both directions and RSUM on the evaluation split (one caption per image): each direction's
-        queries search a vector store of the other modality's target embeddings."""
+        queries search a vector store of the other modality's target embeddings. Also the connector's routing weights
+        (sites, examples, experts), one site per direction and branch."""
         accelerator = self.accelerator
         self.model.eval()
         parts = []
@@ -388,18 +391,19 @@ class Trainer:
             out = self.model(**self.model_inputs(batch, return_loss=False))
             parts.append([t.float().cpu() for t in accelerator.gather_for_metrics(
                 (out.image_to_text.embeds, out.text_to_image.embeds, out.image_target_embeds, out.text_target_embeds,
-                 batch["image_ids"]))])
+                 batch["image_ids"], out.routing_weights.transpose(0, 1)))])
         self.train_mode()
-        image_queries, text_queries, image_targets, text_targets, ids = (torch.cat(c) for c in zip(*parts))
+        image_queries, text_queries, image_targets, text_targets, ids, routing = (torch.cat(c) for c in zip(*parts))
         ids = ids.long()
-        return retrieval_recall(VectorStore(image_targets, ids), VectorStore(text_targets, ids),
-                                image_queries=image_queries, text_queries=text_queries)
+        metrics = retrieval_recall(VectorStore(image_targets, ids), VectorStore(text_targets, ids),
+                                   image_queries=image_queries, text_queries=text_queries)
+        return metrics, routing.transpose(0, 1).numpy()
 
     @torch.no_grad()
     def evaluate(self) -> tuple[dict, np.ndarray | None, np.ndarray]:
         """Metrics on the evaluation split, plus the routing weights (blocks, examples, experts) and labels."""
         if self.retrieval:
-            return self.evaluate_retrieval(), None, None
+            return *self.evaluate_retrieval(), None
         accelerator = self.accelerator
         self.model.eval()
         logits, labels, routing = [], [], []
@@ -452,6 +456,32 @@ class Trainer:
             scores[modality] = compute_metrics(logits.numpy(), eval_labels.numpy(), self.multi_label)[self.main_metric]
         return scores
 
+    def write_plots(self, model, metrics: dict, routing: np.ndarray | None, labels: np.ndarray | None) -> dict:
+        """The final evaluation's plots in adapter/, as {file name: path}: MoPE routing per block and class, S3 concept
+        (expert) usage per class, Alt-MoE Recall@K and expert usage per direction."""
+        config, folder = self.config, self.output_dir / "adapter"
+        split = "validation" if "validation" in self.task.dataset else "test"
+        plots = {}
+        if self.retrieval:
+            plots["recall.png"] = plot_recall(metrics, folder / "recall.png",
+                                              title=f"{config.method} on {config.dataset}, {split} split")
+            if routing is not None:
+                sites = [f"{d.replace('_to_', '→')} {b}" for d in DIRECTIONS for b in BRANCHES]
+                sites = sites if len(sites) == len(routing) else [f"site {i}" for i in range(len(routing))]
+                plots["expert_usage.png"] = plot_direction_usage(
+                    routing, sites, folder / "expert_usage.png",
+                    title=f"{config.method} expert usage per direction, {split} split")
+        elif routing is not None and config.method == "s3":
+            plots["routing.png"] = plot_class_usage(
+                routing.mean(0), labels, self.task.label_names, folder / "routing.png",
+                title=f"S3 concept (expert) usage per class on {config.dataset}, {split} split")
+        elif routing is not None:
+            tower = getattr(next(iter(model.peft_config.values())), "prompted_tower", None)
+            plots["routing.png"] = plot_routing(routing, labels, self.task.label_names, folder / "routing.png",
+                                                title=f"{config.method} routing on {config.dataset}", tower=tower,
+                                                split=split)
+        return plots
+
     def finish(self) -> dict:
         """Final evaluation, adapter, metrics, routing plot, model card; optionally push to the Hub."""
         config, accelerator = self.config, self.accelerator
@@ -469,30 +499,26 @@ class Trainer:
         results = {k: round(float(v), 4) if isinstance(v, (float, np.floating)) else v for k, v in results.items()}
         model = accelerator.unwrap_model(self.model)
         if accelerator.is_main_process:
-            plot = None
-            if routing is not None:
-                plot = plot_routing(routing, None if self.multi_label else labels, self.task.label_names,
-                                    self.output_dir / "adapter" / "routing.png",
-                                    title=f"{config.method} routing on {config.dataset}")
+            plots = self.write_plots(model, metrics, routing, labels)
             card_metrics = {k: f"{v:.4f}" if isinstance(v, float) else v for k, v in results.items()}
             # best/ gets the same card as adapter/ (not PEFT's empty one), with the figures of the step it was kept at
             best_metrics = {**{k: v for k, v in card_metrics.items()
                                if not k.startswith("eval_") or self.state.best_step == self.state.step},
                             "steps": self.state.best_step, f"eval_{self.main_metric}": f"{self.state.best_metric:.4f}"}
-            for name, shown, routing_plot in (("adapter", card_metrics, "routing.png" if plot else None),
-                                              ("best", best_metrics, None)):
+            for name, shown, listed in (("adapter", card_metrics, list(plots)), ("best", best_metrics, [])):
                 write_model_card(model, self.output_dir / name, config.hub_model_id, dataset=config.dataset,
-                                 metrics=shown, routing_plot=routing_plot,
+                                 metrics=shown, routing_plot="routing.png" if "routing.png" in listed else None,
+                                 plots=listed,
                                  adapter_path=str((self.output_dir / name).resolve()))  # the snippet loads it there
             write_file_atomic(self.output_dir / "metrics.json", json.dumps(results, indent=2))
             print(results_table(results))
             if config.push_to_hub:
                 push_adapter_to_hub(model, config.hub_model_id, dataset=config.dataset, metrics=card_metrics,
-                                    extra_files={"routing.png": plot} if plot else None)
+                                    extra_files=plots or None)
             where = self.output_dir.resolve()
             checkpoints = list_checkpoints(where / "checkpoints")
             lines = [f"Wrote to {where}:",
-                     f"  adapter/      final adapter, model card (README.md){', routing.png' if plot else ''}",
+                     f"  adapter/      final adapter, model card (README.md){''.join(f', {n}' for n in plots)}",
                      (f"  best/         best adapter (step {self.state.best_step}, eval_{self.main_metric} "
                       f"{self.state.best_metric:.4f})"),
                      f"  checkpoints/  {', '.join(p.name for p in checkpoints) or 'none'}",
