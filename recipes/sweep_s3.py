@@ -5,7 +5,11 @@
     python recipes/sweep_s3.py --dataset multibench:sarcasm --data_dir /data/multibench
 
 Every SweepConfig field (see `python recipes/sweep_s3.py --help`) can be set in the YAML file or on the command line.
-Writes sweep.csv, accuracy_vs_sparsity.png and expert_usage.png into --output_dir and prints the summary table.
+Prints where it writes, shows progress per cell (seed, sparsity) and per training step, and writes into --output_dir
+as it goes: config.json, sweep.csv (a row per finished cell), accuracy_vs_sparsity.png and expert_usage.png (after each
+seed), state/ (each seed's trained adapter); at the end it prints the summary table. Running the same command again
+after a kill resumes: finished cells are skipped. A folder holding a sweep of another config is refused;
+--overwrite_output_dir starts over. Expected user errors print one line `error: ...` and exit with status 2.
 """
 
 import sys
