@@ -41,6 +41,8 @@ from PIL import Image as PILImage
 
 from ..errors import DataError
 from .factors import build_factor_dataset
+from .fashion import TASKS as FASHION_TASKS
+from .fashion import build_fashion_splits
 from .multibench import load_multibench
 from .synthetic import MULTILABEL_NAMES, build_synthetic_splits
 from .synthetic import TASKS as SYNTHETIC_TASKS
@@ -67,6 +69,7 @@ _CSV_STRING_COLUMNS: tuple[str, ...] = ("image", "file_name", "captions", "label
 
 _SYNTHETIC_TASK_TYPES = {"entailment": SINGLE_LABEL, "multilabel": MULTI_LABEL, "retrieval": RETRIEVAL}
 FACTOR_TASK = "synthetic:factors"
+FASHION_PREFIX = "fashion:"
 MULTIBENCH_PREFIX = "multibench:"
 
 
@@ -186,15 +189,16 @@ def load_task(name: str, *, data_dir: str | None = None, train_size: int = 2000,
     """Load a task by name into standard columns (see the module docstring), dropping and counting bad rows.
 
     ``name`` is ``"synthetic:<entailment|multilabel|retrieval|factors>"``, ``"multibench:<name>"`` (a MultiBench
-    pickle in ``data_dir``, see ``load_multibench``), a known benchmark (``KNOWN_DATASETS``:
-    ``snli-ve``, ``mm-imdb``, ``food101``, ``coco``, ``flickr30k``), ``"local"`` or a folder path (read from
-    ``data_dir`` / that folder), or any ``"owner/name"`` Hub id, whose columns are detected. When ``data_dir`` is
-    given it is always read as a local folder, also for a known benchmark name (its task type is then checked).
-    ``train_size``, ``eval_size``, ``seed`` and ``image_size`` shape the synthetic tasks only. ``max_rows`` keeps the
-    first rows of the train split, before bad rows are dropped (malformed lines of local files are left out first).
-    Other keyword arguments go to ``datasets.load_dataset`` for Hub datasets, to ``build_synthetic_splits``
-    (``max_objects``, ``captions_per_image``) for synthetic tasks, to ``build_factor_dataset`` or to
-    ``load_multibench``. Synthetic data is generated valid and is not checked.
+    pickle in ``data_dir``, see ``load_multibench``), ``"fashion:<entailment|retrieval>"`` (real Fashion-MNIST
+    images, see ``data.fashion``; ``data_dir`` optionally names the folder of its IDX files), a known benchmark
+    (``KNOWN_DATASETS``: ``snli-ve``, ``mm-imdb``, ``food101``, ``coco``, ``flickr30k``), ``"local"`` or a folder
+    path (read from ``data_dir`` / that folder), or any ``"owner/name"`` Hub id, whose columns are detected. When
+    ``data_dir`` is given it is always read as a local folder, also for a known benchmark name (its task type is then
+    checked). ``train_size``, ``eval_size`` and ``seed`` shape the synthetic and Fashion-MNIST tasks, ``image_size``
+    the synthetic ones only. ``max_rows`` keeps the first rows of the train split, before bad rows are dropped
+    (malformed lines of local files are left out first). Other keyword arguments go to ``datasets.load_dataset`` for
+    Hub datasets, to ``build_synthetic_splits`` (``max_objects``, ``captions_per_image``) for synthetic tasks, to
+    ``build_factor_dataset`` or to ``load_multibench``. Synthetic data is generated valid and is not checked.
     """
     if max_rows is not None and (not isinstance(max_rows, int) or isinstance(max_rows, bool) or max_rows <= 0):
         raise ValueError(f"max_rows must be a positive integer or None, got {max_rows!r}")
@@ -202,6 +206,8 @@ def load_task(name: str, *, data_dir: str | None = None, train_size: int = 2000,
         return _load_feature_task(name, data_dir, train_size, eval_size, seed, max_rows, hub_kwargs)
     if name.startswith("synthetic:"):
         return _load_synthetic(name, train_size, eval_size, seed, image_size, max_rows, hub_kwargs)
+    if name.startswith(FASHION_PREFIX):
+        return _load_fashion(name, data_dir, train_size, eval_size, seed, max_rows)
     spec = KNOWN_DATASETS.get(name.lower())
     if name == "local" or data_dir is not None or os.path.isdir(name):
         folder = data_dir if data_dir is not None else (None if name == "local" else name)
@@ -221,6 +227,7 @@ def load_task(name: str, *, data_dir: str | None = None, train_size: int = 2000,
         return _prepare_hub(name, raw, None, strict, max_rows)
     raise ValueError(f"unknown dataset {name!r}; valid choices: "
                      + ", ".join([f"synthetic:{t}" for t in SYNTHETIC_TASKS] + [FACTOR_TASK, "multibench:<name>"]
+                                 + [f"{FASHION_PREFIX}{t}" for t in FASHION_TASKS]
                                  + sorted(KNOWN_DATASETS))
                      + ", 'local' (with data_dir), a folder path, or an 'owner/name' Hub dataset id")
 
@@ -250,6 +257,22 @@ def _load_synthetic(name: str, train_size: int, eval_size: int, seed: int, image
     report = DataReport()
     for split in splits:
         report.add(split, ())
+    return TaskData(splits, task_type, label_names, name, report)
+
+
+def _load_fashion(name: str, data_dir: str | None, train_size: int, eval_size: int, seed: int,
+                  max_rows: int | None) -> TaskData:
+    """Fashion-MNIST's real images with garment questions or captions (see ``data.fashion``); ``data_dir``: the
+    folder of its IDX files (default: where Debian's ``dataset-fashion-mnist`` puts them)."""
+    task = name[len(FASHION_PREFIX):]
+    splits = build_fashion_splits(task, train_size, eval_size, seed=seed, data_dir=data_dir)
+    if max_rows is not None and len(splits["train"]) > max_rows:
+        splits["train"] = splits["train"].select(range(max_rows))
+    report = DataReport()
+    for split in splits:
+        report.add(split, ())
+    task_type = RETRIEVAL if task == "retrieval" else SINGLE_LABEL
+    label_names = [] if task_type == RETRIEVAL else list(splits["train"].features["label"].names)
     return TaskData(splits, task_type, label_names, name, report)
 
 
