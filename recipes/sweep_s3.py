@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 from transformers import HfArgumentParser
 
-from mmexperts.errors import MMExpertsError
+from mmexperts.errors import ConfigError, MMExpertsError
 from mmexperts.s3.sweep import SweepConfig, sparsity_sweep
 
 # Errors a user fixes by changing the command line, the data or the output folder (not bugs): one line, no traceback.
@@ -36,19 +36,25 @@ def parse(argv: list[str]) -> SweepConfig:
         values = yaml.safe_load(path.read_text()) or {}
         known = set(SweepConfig.__dataclass_fields__)
         if set(values) - known:
-            raise ValueError(f"{path}: unknown fields {sorted(set(values) - known)}; valid fields: {sorted(known)}.")
+            raise ConfigError("config", f"{path}: unknown fields {sorted(set(values) - known)}; valid fields: "
+                                        f"{sorted(known)}.")
         parser.set_defaults(**{k: ",".join(map(str, v)) if isinstance(v, list) else v for k, v in values.items()})
     config, _ = parser.parse_args_into_dataclasses(args=argv)
     return config
 
 
-if __name__ == "__main__":
+def main(argv: list[str]) -> int:
     try:
-        result = sparsity_sweep(parse(sys.argv[1:]))
+        result = sparsity_sweep(parse(argv))
     except USER_ERRORS as error:
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
-        sys.exit(2)
+        return 2
     print("| sparsity | pruned | test accuracy (mean ± std) | seeds |\n| --- | --- | --- | --- |")
     for row in result["summary"]:
         print(f"| {row['sparsity']:.3f} | {row['pruned']} | {row['mean']:.4f} ± {row['std']:.4f} | {row['seeds']} |")
     print("\n".join(f"{name}: {path}" for name, path in result["files"].items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -91,6 +91,9 @@ class SweepConfig:
     batch_size: int = field(default=64, metadata={"help": "Batch size."})
     criterion: str = field(default="loss", metadata={"help": "Utility: loss, gate_mass, usage or gate_output_norm."})
     schedule: str = field(default="progressive", metadata={"help": "Pruning schedule: one-shot or progressive."})
+    num_threads: int = field(default=1, metadata={
+        "help": "Torch CPU threads while the sweep runs. Its models are tiny, so one thread is fastest; more threads "
+                "gain nothing and, on a machine whose cores are busy, make every step many times slower."})
     output_dir: str = field(default="outputs/s3-sweep", metadata={
         "help": "Where the CSV, its config.json, the plots and state/ go. A folder holding an unfinished sweep of the "
                 "same config is resumed (finished cells are skipped); one of another config is refused."})
@@ -364,10 +367,23 @@ def sparsity_sweep(config: SweepConfig) -> dict:
     """
     from ..moe.utility import experts_to_prune
 
-    grid, seeds = config.sparsity_grid, config.seed_list
-    for sparsity in grid:  # fail before training on a bad grid
+    for sparsity in config.sparsity_grid:  # fail before training on a bad grid
         experts_to_prune(sparsity, config.num_experts)
+    if config.num_threads < 1:
+        raise ConfigError("num_threads", f"--num_threads must be >= 1, got {config.num_threads}.")
     rows = prepare_output(config)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(config.num_threads)
+    try:
+        return run_cells(config, rows)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run_cells(config: SweepConfig, rows: list[dict]) -> dict:
+    """Run the cells not in ``rows`` (seed by seed, in grid order), writing the CSV after each and the plots after
+    each seed; returns what :func:`sparsity_sweep` does."""
+    grid, seeds = config.sparsity_grid, config.seed_list
     out = Path(config.output_dir)
     files = {name: str(out / name) for name in (CSV_FILE, CURVE_PLOT, USAGE_PLOT, CONFIG_FILE)}
     where = out.resolve()
@@ -411,7 +427,8 @@ def write_plots(config: SweepConfig, rows: list[dict], routing: dict | None) -> 
     """The accuracy curve over the rows so far and the first seed's expert usage per class."""
     out = Path(config.output_dir)
     if rows:
-        plot_sparsity_curve(summarize(rows), out / CURVE_PLOT, f"S3 on {config.dataset}")
+        plot_sparsity_curve(summarize(rows), out / CURVE_PLOT,
+                            f"S3 on {config.dataset}: mean ± std over seeds")
     if routing is not None:
         plot_class_usage(routing["routing_weights"].numpy(), routing["labels"].numpy(), routing["label_names"],
                          out / USAGE_PLOT, title=f"S3 concept (expert) usage per class, test split, seed "
