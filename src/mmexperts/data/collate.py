@@ -20,11 +20,14 @@ class MultimodalCollator:
     ``labels``: class ids (long, shape (B,)) for single-label, 0/1 floats (shape (B, num_labels)) for multi-label.
     Retrieval rows give one caption per image, ``captions[caption_index]`` (the first caption by default, cycling
     when a row has fewer), or ``row[text_column]`` when a row has no ``captions``, and ``image_ids`` (long, (B,)).
+    ``model_kwargs`` are constant keyword arguments added to every batch for the model (e.g.
+    ``{"interpolate_pos_encoding": True}`` when the image processor resizes to another size than the vision tower's).
     It reads rows as they are stored, so no ``set_transform`` is needed.
     """
 
     def __init__(self, tokenizer, image_processor, task_type: str, max_length: int | None = None,
-                 num_labels: int | None = None, text_column: str = "text", caption_index: int = 0):
+                 num_labels: int | None = None, text_column: str = "text", caption_index: int = 0,
+                 model_kwargs: Mapping[str, Any] | None = None):
         if task_type not in TASK_TYPES:
             raise ValueError(f"unknown task_type {task_type!r}; valid choices: {', '.join(TASK_TYPES)}")
         if max_length is not None and max_length <= 0:
@@ -40,6 +43,7 @@ class MultimodalCollator:
         self.num_labels = num_labels
         self.text_column = text_column
         self.caption_index = caption_index
+        self.model_kwargs = dict(model_kwargs or {})
 
     def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         if len(rows) == 0:
@@ -61,6 +65,7 @@ class MultimodalCollator:
         else:
             batch["image_ids"] = torch.tensor([int(self._get(row, i, "image_id")) for i, row in enumerate(rows)],
                                               dtype=torch.long)
+        batch.update(self.model_kwargs)
         return batch
 
     def _get(self, row: Mapping[str, Any], position: int, column: str) -> Any:

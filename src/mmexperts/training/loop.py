@@ -41,7 +41,7 @@ from .checkpoint import (
     verify_checkpoint,
     write_manifest,
 )
-from .config import SYNTHETIC_BACKBONES, TrainConfig
+from .config import AUTO_TOWERS, REAL_TOWERS, SYNTHETIC_BACKBONES, TrainConfig
 from .methods import RETRIEVAL_METHODS, default_classifier_input, method_config
 from .probes import fit_linear_probe, pooled_features
 
@@ -90,18 +90,56 @@ class Trainer:
 
     # ---- setup -------------------------------------------------------------------------------------------------
     def _backbones(self) -> tuple[str, str]:
+        """The two towers' folders or Hub ids: 'auto' is the synthetic backbones for synthetic data and the real
+        pretrained towers otherwise; both kinds are built or fetched once and cached."""
         config = self.config
-        if SYNTHETIC_BACKBONES not in (config.vision_model, config.text_model):
-            return config.vision_model, config.text_model
-        from ..data.backbones import pretrained_backbones
+        default = SYNTHETIC_BACKBONES if config.dataset.startswith("synthetic:") else REAL_TOWERS
+        chosen = {m: default if name == AUTO_TOWERS else name
+                  for m, name in (("vision", config.vision_model), ("text", config.text_model))}
+        resolved = dict(chosen)
+        if SYNTHETIC_BACKBONES in chosen.values():
+            from ..data.backbones import pretrained_backbones
 
-        with self.accelerator.main_process_first():
-            cached = pretrained_backbones(cache_dir=config.backbone_cache, seed=config.seed,
-                                          image_size=config.image_size,
-                                          show_progress=self.accelerator.is_main_process)
-        vision = str(cached.vision) if config.vision_model == SYNTHETIC_BACKBONES else config.vision_model
-        text = str(cached.text) if config.text_model == SYNTHETIC_BACKBONES else config.text_model
-        return vision, text
+            with self.accelerator.main_process_first():
+                cached = pretrained_backbones(cache_dir=config.backbone_cache, seed=config.seed,
+                                              image_size=config.image_size,
+                                              show_progress=self.accelerator.is_main_process)
+            resolved.update({m: str(getattr(cached, m)) for m, name in chosen.items() if name == SYNTHETIC_BACKBONES})
+        if REAL_TOWERS in chosen.values():
+            from ..offline.real_towers import real_towers
+
+            with self.accelerator.main_process_first():
+                fetched = real_towers()
+            resolved.update({m: fetched[m] for m, name in chosen.items() if name == REAL_TOWERS})
+        described = {SYNTHETIC_BACKBONES: "tiny, pretrained here on the synthetic data",
+                     REAL_TOWERS: "real pretrained tower, CLIP ViT-B/16 image tower / all-MiniLM-L6-v2"}
+        layers = {"vision": config.vision_layers, "text": config.text_layers}
+        for modality in ("vision", "text"):
+            notes = [described[chosen[modality]]] if chosen[modality] in described else []
+            notes += [f"first {layers[modality]} blocks"] if layers[modality] else []
+            self.accelerator.print(f"{modality.capitalize()} tower: {resolved[modality]}"
+                                   + (f" ({'; '.join(notes)})" if notes else ""))
+        return resolved["vision"], resolved["text"]
+
+    def _tower_kwargs(self) -> dict:
+        """``from_vision_text_pretrained`` keyword arguments that truncate the towers."""
+        config = self.config
+        return {f"{modality}_num_hidden_layers": layers for modality, layers in
+                (("vision", config.vision_layers), ("text", config.text_layers)) if layers is not None}
+
+    def _image_processor(self, vision_path: str):
+        """The vision tower's image processor, resizing to ``--vision_image_size`` when set."""
+        size = self.config.vision_image_size
+        processor = AutoImageProcessor.from_pretrained(vision_path)
+        if size is None:
+            return processor
+        def resized(sizes) -> dict:  # {"height", "width"} or {"shortest_edge"}, as the processor has them
+            return {key: size for key, value in dict(sizes).items() if value is not None}
+
+        updates = {"size": resized(processor.size)}
+        if getattr(processor, "crop_size", None):
+            updates["crop_size"] = resized(processor.crop_size)
+        return AutoImageProcessor.from_pretrained(vision_path, **updates)
 
     def setup(self) -> None:
         """Load data, backbones and adapter; build loaders, optimizer and scheduler; resume if asked."""
@@ -172,24 +210,27 @@ class Trainer:
 
             dual_encoder_logger.addFilter(not_the_new_head_notice)
             try:
-                self.base = VisionTextDualEncoderModel.from_vision_text_pretrained(vision_path, text_path)
+                self.base = VisionTextDualEncoderModel.from_vision_text_pretrained(vision_path, text_path,
+                                                                                   **self._tower_kwargs())
             finally:
                 dual_encoder_logger.removeFilter(not_the_new_head_notice)
         else:
             self.base = VisionTextModelForClassification.from_vision_text_pretrained(
                 vision_path, text_path, num_labels=len(self.task.label_names), problem_type=self.task.task_type,
                 classifier_input=config.classifier_input or default_classifier_input(peft_config),
-                id2label=dict(enumerate(self.task.label_names)))
+                id2label=dict(enumerate(self.task.label_names)), **self._tower_kwargs())
         with warnings.catch_warnings():
             # PEFT's PeftModel.__init__ reads `model.is_gradient_checkpointing`, which transformers 5 deprecates with
             # a FutureWarning on every model; the recipe never checkpoints activations. Only that message is hidden.
             warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
                                     category=FutureWarning)
             self.model = peft.get_peft_model(self.base, peft_config)
-        self.collator = MultimodalCollator(AutoTokenizer.from_pretrained(text_path),
-                                           AutoImageProcessor.from_pretrained(vision_path),
+        native = getattr(self.base.vision_model.config, "image_size", None)
+        resized = config.vision_image_size is not None and config.vision_image_size != native
+        self.collator = MultimodalCollator(AutoTokenizer.from_pretrained(text_path), self._image_processor(vision_path),
                                            task_type=self.task.task_type, max_length=config.max_length,
-                                           num_labels=len(self.task.label_names) or None)
+                                           num_labels=len(self.task.label_names) or None,
+                                           model_kwargs={"interpolate_pos_encoding": True} if resized else None)
         train_split = self.task.dataset["train"]
         eval_split = self.task.dataset["validation" if "validation" in self.task.dataset else "test"]
         self.train_loader = DataLoader(train_split, batch_size=config.batch_size, shuffle=True, drop_last=True,
