@@ -173,7 +173,7 @@ def tiny_config(backbones, output_dir, **overrides) -> TrainConfig:
     values = dict(vision_model=vision, text_model=text, output_dir=str(output_dir), train_size=64, eval_size=32,
                   batch_size=8, eval_batch_size=16, max_steps=6, warmup_steps=1, eval_steps=3, save_steps=3,
                   logging_steps=1, learning_rate=1e-2, method_config={"init_weights": False},
-                  unimodal_baselines=False)
+                  unimodal_baselines=False, feature_cache_dir=str(Path(output_dir).parent / "feature-cache"))
     return TrainConfig(**{**values, **overrides})
 
 
@@ -200,7 +200,7 @@ def train_on_two_cpu_processes(tmp_path, vision: str, text: str, *args: str) -> 
                "--vision_model", vision, "--text_model", text, "--output_dir", str(tmp_path / "run"),
                "--train_size", "64", "--eval_size", "32", "--batch_size", "8", "--max_steps", "4",
                "--eval_steps", "2", "--save_steps", "2", "--warmup_steps", "1", "--learning_rate", "1e-2",
-               "--no_unimodal_baselines", *args]
+               "--no_unimodal_baselines", "--feature_cache_dir", str(tmp_path / "feature-cache"), *args]
     run = subprocess.run(command, env=launch_env(), capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     ranks = [load_file(tmp_path / "run" / f"rank_{rank}.safetensors") for rank in (0, 1)]

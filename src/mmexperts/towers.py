@@ -8,6 +8,7 @@ the usual attribute names); when it fails, the error lists what it found.
 from __future__ import annotations
 
 import inspect
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -143,6 +144,24 @@ def _summary_norm(tower: nn.Module) -> nn.Module | None:
         if isinstance(norm, nn.Module):
             return norm
     return None
+
+
+@contextmanager
+def tower_options(towers: dict[str, Tower], inputs: dict):
+    """Hand a call's tower options (``interpolate_pos_encoding``) to each tower that takes them, also when the
+    two-tower model's forward drops them (``VisionTextDualEncoderModel`` does); the model's own value wins."""
+    handles = []
+    for tower in towers.values():
+        options = {name: inputs[name] for name in TOWER_OPTIONS
+                   if name in tower.input_names and inputs.get(name) is not None}
+        if options:
+            handles.append(tower.module.register_forward_pre_hook(
+                lambda module, args, kwargs, options=options: (args, {**options, **kwargs}), with_kwargs=True))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _input_names(tower: nn.Module, candidates: tuple[str, ...]) -> tuple[str, ...]:

@@ -20,7 +20,7 @@ from torch import nn
 from .conditioning import gather_inputs
 from .context import CallContext
 from .errors import ConfigError, CorruptFileError
-from .towers import Tower, find_towers
+from .towers import Tower, find_towers, tower_options
 
 MODALITIES = ("vision", "text")
 MAX_ADAPTER_PARAMETERS = 2**30  # 4 GiB in float32: far above any adapter of these methods on real backbones
@@ -174,11 +174,12 @@ class TwoTowerTuner(BaseTuner):
     @contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs):
         names = self.active_adapter_names()
-        if not names:
-            yield
-            return
         inputs = gather_inputs(self.model, args, kwargs)
-        with self.calling(inputs), self.call_hooks(inputs, names):
+        if not names:
+            with tower_options(self.towers, inputs):
+                yield
+            return
+        with tower_options(self.towers, inputs), self.calling(inputs), self.call_hooks(inputs, names):
             handle = self.model.register_forward_hook(lambda module, args, output: self._attach_outputs(output, names))
             try:
                 yield

@@ -1,9 +1,10 @@
 """Feature caching for Alt-MoE: the frozen towers run once per example, the connector then trains on stored features.
 
 ``cache_features`` writes every example's token features (mean of each tower's last two hidden layers), their masks
-and image ids to one safetensors file, atomically, with the sha256 of each tensor in its metadata; ``CachedFeatures``
-checks and reads it as a torch dataset whose batches feed ``AltMoEModel.connect`` (directly, or through
-``FeatureConnector``, a module that Accelerate/DDP can wrap).
+and image ids to one safetensors file, atomically, with the sha256 of each tensor in its metadata (``write_features``
+writes any such set, e.g. each image once and several captions per image, ``text_rows`` naming each caption's image);
+``CachedFeatures`` checks and reads it as a torch dataset of (image, caption) pairs whose batches feed
+``AltMoEModel.connect`` (directly, or through ``FeatureConnector``, a module that Accelerate/DDP can wrap).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ FEATURES_FILE = "features.safetensors"
 FEATURE_KEYS = ("image_tokens", "image_mask", "text_tokens", "text_mask")
 # dtype and number of dimensions of each cached tensor, as cache_features writes them
 FEATURE_LAYOUT = {"image_tokens": (torch.float32, 3), "image_mask": (torch.int64, 2), "text_tokens": (torch.float32, 3),
-                  "text_mask": (torch.int64, 2), "image_ids": (torch.int64, 1)}
+                  "text_mask": (torch.int64, 2), "image_ids": (torch.int64, 1), "text_rows": (torch.int64, 1)}
+IMAGE_KEYS, TEXT_KEYS = ("image_tokens", "image_mask", "image_ids"), ("text_tokens", "text_mask", "text_rows")
 RECREATE = "recreate the cache with cache_features(model, loader, path)"
 
 
@@ -43,7 +45,8 @@ def _tuner(model: nn.Module) -> AltMoEModel:
 
 
 @torch.no_grad()
-def cache_features(model: nn.Module, batches, path: str | os.PathLike, progress: bool = False) -> Path:
+def cache_features(model: nn.Module, batches, path: str | os.PathLike, progress: bool = False,
+                   metadata: dict[str, str] | None = None) -> Path:
     """Run the frozen towers of ``model`` (an Alt-MoE PeftModel) over ``batches`` (collated dicts with
     ``pixel_values``, ``input_ids``, ``attention_mask`` and optionally ``image_ids``) and store the token features in
     ``path/features.safetensors``. Text is padded to the longest caption; masks mark the real tokens."""
@@ -71,18 +74,28 @@ def cache_features(model: nn.Module, batches, path: str | os.PathLike, progress:
     }
     if parts["image_ids"]:
         tensors["image_ids"] = torch.cat(parts["image_ids"]).long()
-    tensors = {key: value.contiguous() for key, value in tensors.items()}
-    metadata = {"vision_hidden_size": str(tensors["image_tokens"].shape[-1]),
+    return write_features(tensors, path, {"base_model": str(getattr(tuner.model, "name_or_path", "")),
+                                          **(metadata or {})})
+
+
+def write_features(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+                   metadata: dict[str, str] | None = None) -> Path:
+    """Write cached features (the tensors of ``FEATURE_LAYOUT``) to ``path/features.safetensors`` atomically, with
+    the hidden sizes and the sha256 of every tensor in the metadata; the result is checked before it is swapped in."""
+    tensors = {key: value.detach().cpu().contiguous() for key, value in tensors.items()}
+    metadata = {**(metadata or {}), "vision_hidden_size": str(tensors["image_tokens"].shape[-1]),
                 "text_hidden_size": str(tensors["text_tokens"].shape[-1]),
-                "base_model": str(getattr(tuner.model, "name_or_path", "")),
                 "sha256": json.dumps({key: tensor_sha256(value) for key, value in tensors.items()})}
     with atomic_directory(path) as staging:
+        _check_cache(staging / FEATURES_FILE, tensors, metadata)
         save_file(tensors, str(staging / FEATURES_FILE), metadata=metadata)
     return Path(path)
 
 
 class CachedFeatures(Dataset):
-    """Cached token features as a dataset of per-example dicts; ``collate`` batches them and trims text padding."""
+    """Cached token features as a dataset of (image, caption) pairs, one per cached caption (a caption's image is
+    ``text_rows[i]``, or row ``i`` when the cache has no ``text_rows``); ``collate`` batches them and trims text
+    padding."""
 
     def __init__(self, path: str | os.PathLike):
         file = Path(path) / FEATURES_FILE
@@ -104,11 +117,19 @@ class CachedFeatures(Dataset):
     def text_hidden_size(self) -> int:
         return self.tensors["text_tokens"].shape[-1]
 
-    def __len__(self) -> int:
+    @property
+    def num_images(self) -> int:
         return len(self.tensors["image_tokens"])
 
+    def __len__(self) -> int:
+        return len(self.tensors["text_tokens"])
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {key: value[index] for key, value in self.tensors.items()}
+        rows = self.tensors.get("text_rows")
+        image = index if rows is None else int(rows[index])
+        item = {key: self.tensors[key][image] for key in IMAGE_KEYS if key in self.tensors}
+        item.update({key: self.tensors[key][index] for key in ("text_tokens", "text_mask")})
+        return item
 
     @staticmethod
     def collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -131,11 +152,21 @@ def _check_cache(file: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
         if tensor.dtype != dtype or tensor.dim() != dims:
             raise CorruptFileError(file, f"Tensor {key!r} is {tensor.dtype} of shape {tuple(tensor.shape)}, "
                                          f"expected {dtype} with {dims} dimensions; {RECREATE}.")
-    count = len(tensors["image_tokens"])
     shapes = {key: tuple(tensor.shape) for key, tensor in tensors.items()}
-    if count == 0 or any(shape[0] != count for shape in shapes.values()):
-        raise CorruptFileError(file, f"Tensors hold different or zero example counts {shapes}, expected the same "
-                                     f"count >= 1 in each; {RECREATE}.")
+    paired = "text_rows" not in tensors  # one caption per image, in the images' order
+    groups = [[key for key in IMAGE_KEYS + TEXT_KEYS if key in tensors]] if paired else \
+        [[key for key in keys if key in tensors] for keys in (IMAGE_KEYS, TEXT_KEYS)]
+    for keys in groups:
+        count = shapes[keys[0]][0]
+        if count == 0 or any(shapes[key][0] != count for key in keys):
+            raise CorruptFileError(file, f"Tensors hold different or zero example counts "
+                                         f"{ {key: shapes[key] for key in keys} }, expected the same count >= 1 in "
+                                         f"each; {RECREATE}.")
+    if not paired:
+        rows, images = tensors["text_rows"], shapes["image_tokens"][0]
+        if int(rows.min()) < 0 or int(rows.max()) >= images:
+            raise CorruptFileError(file, f"text_rows name image rows {int(rows.min())}..{int(rows.max())}, expected "
+                                         f"0..{images - 1} (one per cached image); {RECREATE}.")
     for tokens, mask in (("image_tokens", "image_mask"), ("text_tokens", "text_mask")):
         if shapes[mask] != shapes[tokens][:2]:
             raise CorruptFileError(file, f"Tensor {mask!r} has shape {shapes[mask]}, expected {shapes[tokens][:2]} "
@@ -163,12 +194,19 @@ def _check_cache(file: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
 
 class FeatureConnector(nn.Module):
     """The connector of an Alt-MoE PeftModel as a module over cached features, for training loops (Accelerate, DDP):
-    ``FeatureConnector(peft_model)(**cached_batch)`` returns the ``AltMoEOutput`` with its loss."""
+    ``FeatureConnector(peft_model)(**cached_batch)`` returns the ``AltMoEOutput`` with its loss. Other attributes
+    (``save_pretrained``, ``peft_config``, ``base_model``...) are the PeftModel's."""
 
     def __init__(self, peft_model: nn.Module):
         super().__init__()
         _tuner(peft_model)
         self.peft_model = peft_model
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["peft_model"], name)
 
     def forward(self, image_tokens: torch.Tensor, image_mask: torch.Tensor, text_tokens: torch.Tensor,
                 text_mask: torch.Tensor, image_ids: torch.Tensor | None = None,

@@ -136,25 +136,32 @@ class AltMoEModel(TwoTowerTuner):
             losses = [config.alpha * regression_loss(p.latent, pooled[TARGET[d]], config.regression_loss)
                       + (1 - config.alpha) * info_nce(p.embeds, targets[TARGET[d]], config.temperature)
                       for d, p in predictions.items()]
-            loss = torch.stack(losses).sum() + config.load_balance_loss_weight * out.aux_loss
-            if torch.is_grad_enabled():  # every trainable parameter joins the graph, so DDP sees a (zero) gradient
-                loss = loss + sum(0.0 * p.sum() for p in connector.parameters() if p.requires_grad)
-            out.loss = loss
+            out.loss = torch.stack(losses).sum() + config.load_balance_loss_weight * out.aux_loss
         return out
 
     def token_features(self, **inputs) -> TokenFeatures:
         """Run the two frozen towers alone on a batch (``pixel_values``, ``input_ids``, ``attention_mask``...) and
         return their token features: what the connector reads, and what a feature cache stores."""
         self._check_pairs(inputs)
-        with self.calling(inputs) as context:
-            for modality in MODALITIES:
-                tower = self.towers[modality]
-                tower_inputs = tower.select_inputs(inputs)
-                if not tower_inputs:
-                    raise ValueError(f"The batch has none of the {modality} tower's inputs {list(tower.input_names)}.")
-                with tap_last_block(tower, lambda value, m=modality: context.tokens.__setitem__(m, value)):
-                    tower.module(**tower_inputs)
-            return self._features(context.tokens, inputs)
+        image, image_mask = self.tower_tokens("vision", **inputs)
+        text, text_mask = self.tower_tokens("text", **inputs)
+        return TokenFeatures(image, image_mask, text, text_mask)
+
+    def tower_tokens(self, modality: str, **inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run one frozen tower alone on its inputs; return its token features (mean of its last two hidden layers)
+        and the mask of the real tokens (the attention mask for text, all ones for images)."""
+        tower = self.towers[modality]
+        tower_inputs = tower.select_inputs(inputs)
+        if not tower_inputs:
+            raise ValueError(f"The batch has none of the {modality} tower's inputs {list(tower.input_names)}.")
+        captured = {}
+        with self.calling(inputs), tap_last_block(tower, lambda value: captured.__setitem__(modality, value)):
+            tower.module(**tower_inputs)
+        tokens = captured[modality]
+        mask = inputs.get("attention_mask") if modality == "text" else None
+        if mask is None or mask.shape[1] != tokens.shape[1]:
+            mask = tokens.new_ones(tokens.shape[:2], dtype=torch.long)
+        return tokens, mask
 
     def _check_pairs(self, inputs: dict) -> None:
         """Refuse image and text batches of different sizes before the towers run (the loss needs one pair per row)."""

@@ -18,7 +18,7 @@ from transformers import HfArgumentParser
 
 from ..data.loading import load_task
 from ..errors import ConfigError
-from .methods import METHODS
+from .methods import CACHED_FEATURE_METHODS, METHODS
 
 MAPPING_FIELDS = ("method_config", "dataset_config")  # YAML mappings of keyword arguments
 DATASET_ARGUMENTS = tuple(p.name for p in inspect.signature(load_task).parameters.values()
@@ -70,6 +70,13 @@ class TrainConfig:
                 "that differs from the tower's own size (e.g. 64 for CLIP on 28 px images); default: the image "
                 "processor's size."})
     backbone_cache: str | None = field(default=None, metadata={"help": "Cache folder of the synthetic backbones."})
+    cache_features: bool | None = field(default=None, metadata={
+        "help": "Run the frozen towers once per image and caption, store their token features and train the adapter "
+                "from them (towers in evaluation mode while caching); default: on for methods that read only the "
+                "towers' outputs (altmoe), off otherwise."})
+    feature_cache_dir: str | None = field(default=None, metadata={
+        "help": "Folder of the cached tower features (one subfolder per towers + data); default: "
+                "$MMEXPERTS_CACHE/features or ~/.cache/mmexperts/features."})
     classifier_input: str | None = field(default=None, metadata={
         "help": "Features the head reads: 'vision', 'text' or 'concat'; default: the method's choice."})
     max_length: int = field(default=64, metadata={"help": "Maximum text length in tokens."})
@@ -133,6 +140,12 @@ class TrainConfig:
                                            f"{self.max_steps}, --num_epochs {self.num_epochs}).")
         if self.method not in METHODS:
             raise ConfigError("method", f"Unknown method {self.method!r} (--method); available: {sorted(METHODS)}.")
+        if self.cache_features is None:
+            self.cache_features = self.method in CACHED_FEATURE_METHODS
+        elif self.cache_features and self.method not in CACHED_FEATURE_METHODS:
+            raise ConfigError("cache_features", f"--cache_features needs a method that reads only the frozen towers' "
+                                                f"outputs ({sorted(CACHED_FEATURE_METHODS)}), got --method "
+                                                f"{self.method}; drop --cache_features.")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ConfigError("mixed_precision", "--mixed_precision must be 'no', 'fp16' or 'bf16', got "
                                                  f"{self.mixed_precision!r}.")

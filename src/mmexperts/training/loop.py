@@ -14,7 +14,13 @@ import numpy as np
 import peft
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, broadcast_object_list, set_seed
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    DistributedDataParallelKwargs,
+    ProjectConfiguration,
+    broadcast_object_list,
+    set_seed,
+)
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoImageProcessor, AutoTokenizer, VisionTextDualEncoderModel, get_scheduler
@@ -42,7 +48,8 @@ from .checkpoint import (
     write_manifest,
 )
 from .config import AUTO_TOWERS, REAL_TOWERS, SYNTHETIC_BACKBONES, TrainConfig
-from .methods import RETRIEVAL_METHODS, default_classifier_input, method_config
+from .features import CaptionPairs, cached_feature_loaders
+from .methods import RETRIEVAL_METHODS, UNUSED_PARAMETER_METHODS, default_classifier_input, method_config
 from .probes import fit_linear_probe, pooled_features
 
 logger = logging.getLogger(__name__)
@@ -83,6 +90,8 @@ class Trainer:
             log_with=None if config.report_to == "none" else config.report_to,
             project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir)),
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)]
+            if config.method in UNUSED_PARAMETER_METHODS else None,
         )
         check_process_group(self.accelerator)
         set_seed(config.seed)
@@ -233,6 +242,8 @@ class Trainer:
                                            model_kwargs={"interpolate_pos_encoding": True} if resized else None)
         train_split = self.task.dataset["train"]
         eval_split = self.task.dataset["validation" if "validation" in self.task.dataset else "test"]
+        if self.retrieval:  # one example per (image, caption) pair: every caption of every image
+            train_split = CaptionPairs(train_split)
         self.train_loader = DataLoader(train_split, batch_size=config.batch_size, shuffle=True, drop_last=True,
                                        collate_fn=self.collator, num_workers=config.num_workers,
                                        generator=torch.Generator().manual_seed(config.seed))
@@ -240,6 +251,10 @@ class Trainer:
                                       num_workers=config.num_workers)
         self.probe_loaders = (DataLoader(train_split, batch_size=config.eval_batch_size, collate_fn=self.collator),
                               self.eval_loader)
+        trained = self.model
+        if config.cache_features:  # the towers run once per image and caption; training reads their stored features
+            trained, self.train_loader, self.eval_loader = cached_feature_loaders(self, self.task.dataset["train"],
+                                                                                  eval_split)
         steps_per_epoch = math.ceil(len(self.train_loader) / accelerator.num_processes /
                                     config.gradient_accumulation_steps)
         self.max_steps = config.max_steps or steps_per_epoch * config.num_epochs
@@ -249,7 +264,7 @@ class Trainer:
                                   num_warmup_steps=config.warmup_steps * accelerator.num_processes,
                                   num_training_steps=self.max_steps * accelerator.num_processes)
         self.model, self.optimizer, self.train_loader, self.eval_loader, self.scheduler = accelerator.prepare(
-            self.model, optimizer, self.train_loader, self.eval_loader, scheduler)
+            trained, optimizer, self.train_loader, self.eval_loader, scheduler)
         self.schedule = DirectionSchedule.for_model(self.model)  # None unless the adapter has directions
         self.trained_parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
         accelerator.register_save_state_pre_hook(self._keep_adapter_weights_only)

@@ -10,6 +10,8 @@ from ..s3 import S3Config
 
 METHODS: dict[str, type[PeftConfig]] = {"mope": MoPEConfig, "altmoe": AltMoEConfig, "s3": S3Config}
 RETRIEVAL_METHODS = {"altmoe"}  # methods that align two towers, trained on retrieval tasks
+CACHED_FEATURE_METHODS = {"altmoe"}  # methods whose adapter reads only the frozen towers' outputs
+UNUSED_PARAMETER_METHODS = {"altmoe"}  # a step may leave parameters unused (one direction, unrouted experts)
 
 
 def method_config(name: str, kwargs: dict) -> PeftConfig:

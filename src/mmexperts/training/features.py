@@ -1,0 +1,196 @@
+"""Cached tower features for adapters that sit on frozen towers' outputs: each image and each caption goes through its
+frozen tower once, the token features are stored (safetensors, written atomically, every tensor's sha256 in the
+metadata) under a key of the towers' weights and configs, the collator's settings and the data, and training then
+reads the cache instead of running the towers.
+
+A method supports the cache when its tuner has ``tower_tokens(modality, **inputs)`` (one tower's token features and
+mask) and ``connect(image_tokens, image_mask, text_tokens, text_mask, return_loss)`` (the adapter on them).
+The towers run in evaluation mode (no dropout) while the cache is built.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from ..altmoe.features import CachedFeatures, FeatureConnector, cache_features, write_features
+from ..atomic import exclusive_lock
+from ..checksums import tensor_sha256
+from ..errors import CorruptFileError
+
+FORMAT_VERSION = 1
+
+
+def default_feature_cache_dir() -> Path:
+    """``$MMEXPERTS_CACHE/features``, else ``~/.cache/mmexperts/features``."""
+    root = os.environ.get("MMEXPERTS_CACHE")
+    return Path(root) / "features" if root else Path.home() / ".cache" / "mmexperts" / "features"
+
+
+class CaptionPairs(Dataset):
+    """A retrieval split as one example per (image, caption) pair: every caption of every row, in row order; each
+    example is its row with ``captions`` holding that one caption."""
+
+    def __init__(self, split):
+        self.split = split
+        self.pairs = [(row, index) for row, captions in enumerate(split["captions"])
+                      for index in range(len(captions))] if "captions" in split.column_names else \
+            [(row, 0) for row in range(len(split))]
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> dict:
+        row, caption = self.pairs[index]
+        item = dict(self.split[row])
+        if "captions" in item:
+            item["captions"] = [item["captions"][caption]]
+        return item
+
+    @property
+    def rows(self) -> torch.Tensor:
+        """The split row of each pair."""
+        return torch.tensor([row for row, _ in self.pairs], dtype=torch.long)
+
+
+def feature_tuner(model: torch.nn.Module):
+    """The tuner of ``model`` (a PeftModel) if its method can train from cached tower features, else None."""
+    tuner = getattr(model, "base_model", model)
+    return tuner if callable(getattr(tuner, "tower_tokens", None)) and callable(getattr(tuner, "connect", None)) \
+        else None
+
+
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+def towers_fingerprint(tuner) -> dict:
+    """sha256 of each frozen tower's configuration and weights (adapter weights excluded)."""
+    result = {}
+    for modality, tower in tuner.towers.items():
+        config = getattr(tower.module, "config", None)
+        weights = {name.replace(".base_layer.", "."): tensor_sha256(value.detach().cpu())
+                   for name, value in tower.module.state_dict().items() if tuner.prefix not in name}
+        result[modality] = {"config": _digest(config.to_dict() if config is not None else None),
+                            "weights": _digest(weights)}
+    return result
+
+
+def collator_fingerprint(collator) -> dict:
+    """What turns rows into tower inputs: tokenizer, image processor, maximum length, extra tower options."""
+    tokenizer = collator.tokenizer
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:  # the padding and truncation state changes with each call: not part of the key
+        vocabulary = json.dumps({k: v for k, v in json.loads(backend.to_str()).items()
+                                 if k not in ("padding", "truncation")}, sort_keys=True)
+    else:
+        vocabulary = json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    return {"tokenizer": hashlib.sha256(vocabulary.encode()).hexdigest(), "tokenizer_class": type(tokenizer).__name__,
+            "image_processor": _digest(collator.image_processor.to_dict()), "max_length": collator.max_length,
+            "model_kwargs": _digest({k: repr(v) for k, v in collator.model_kwargs.items()})}
+
+
+def data_fingerprint(split) -> str:
+    """sha256 of a ``datasets.Dataset``'s Arrow table (and its row order)."""
+    digest = hashlib.sha256()
+    tables = [split.data.table] + ([split._indices.table] if getattr(split, "_indices", None) is not None else [])
+    for table in tables:
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+        digest.update(sink.getvalue())
+    return digest.hexdigest()
+
+
+def cache_key(tuner, collator, split, every_caption: bool) -> dict:
+    """Everything the cached features depend on."""
+    return {"format": FORMAT_VERSION, "towers": towers_fingerprint(tuner), "collator": collator_fingerprint(collator),
+            "data": data_fingerprint(split), "every_caption": every_caption}
+
+
+@torch.no_grad()
+def build_caption_cache(model: torch.nn.Module, split, collator, path: str | os.PathLike, batch_size: int = 64,
+                        metadata: dict[str, str] | None = None, progress: bool = False) -> Path:
+    """Cache each image of ``split`` once and every caption of it (``text_rows`` names each caption's image)."""
+    tuner = feature_tuner(model)
+    pairs = CaptionPairs(split)
+    was_training = tuner.model.training
+    tuner.model.eval()
+    parts = {"vision": [], "text": []}
+    try:
+        for modality, rows in (("vision", split), ("text", pairs)):
+            loader = DataLoader(rows, batch_size=batch_size, collate_fn=collator)
+            for batch in tqdm(loader, desc=f"caching {modality} features", disable=not progress):
+                inputs = {k: v for k, v in batch.items() if k != "image_ids"}
+                tokens, mask = tuner.tower_tokens(modality, **inputs)
+                parts[modality].append((tokens.float().cpu(), mask.long().cpu(), batch.get("image_ids")))
+    finally:
+        tuner.model.train(was_training)
+    length = max(tokens.shape[1] for tokens, _, _ in parts["text"])
+    tensors = {"image_tokens": torch.cat([t for t, _, _ in parts["vision"]]),
+               "image_mask": torch.cat([m for _, m, _ in parts["vision"]]),
+               "text_tokens": torch.cat([F.pad(t, (0, 0, 0, length - t.shape[1])) for t, _, _ in parts["text"]]),
+               "text_mask": torch.cat([F.pad(m, (0, length - m.shape[1])) for _, m, _ in parts["text"]]),
+               "text_rows": pairs.rows}
+    if all(ids is not None for _, _, ids in parts["vision"]):
+        tensors["image_ids"] = torch.cat([ids for _, _, ids in parts["vision"]]).long()
+    return write_features(tensors, path, metadata)
+
+
+def cached_split(model: torch.nn.Module, split, collator, name: str, every_caption: bool,
+                 cache_dir: str | os.PathLike | None = None, batch_size: int = 64, progress: bool = False,
+                 log=print) -> CachedFeatures:
+    """The cached features of one split: read when a cache with the same key exists, else built (once, under a
+    lock) and written. ``every_caption``: each image once and all its captions; else caption 0 beside each image."""
+    tuner = feature_tuner(model)
+    key = cache_key(tuner, collator, split, every_caption)
+    fingerprint = _digest(key)
+    root = Path(cache_dir) if cache_dir is not None else default_feature_cache_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    folder = root / f"{name}-{fingerprint[:24]}"
+    with exclusive_lock(root / f".{folder.name}.lock", on_wait=lambda: log(f"Waiting for {folder}: another process "
+                                                                           "is building it.")):
+        if not folder.exists():
+            log(f"Caching tower features of the {name} split in {folder} (once; later runs read them).")
+            metadata = {"fingerprint": fingerprint, "key": json.dumps(key, sort_keys=True)}
+            if every_caption:
+                build_caption_cache(model, split, collator, folder, batch_size, metadata, progress)
+            else:
+                loader = DataLoader(split, batch_size=batch_size, collate_fn=collator)
+                cache_features(model, loader, folder, progress=progress, metadata=metadata)
+        else:
+            log(f"Reading cached tower features of the {name} split from {folder}.")
+    try:
+        features = CachedFeatures(folder)
+    except CorruptFileError as error:
+        raise CorruptFileError(folder, f"The cached tower features are damaged ({error}); remove the folder (rm -r "
+                                       f"{folder}) and run again to rebuild them.") from error
+    if features.metadata.get("fingerprint") != fingerprint:
+        raise CorruptFileError(folder, f"Its fingerprint is {features.metadata.get('fingerprint')!r}, expected "
+                                       f"{fingerprint!r} (the towers, collator and data of this run); remove the "
+                                       f"folder (rm -r {folder}) and run again to rebuild it.")
+    return features
+
+
+def cached_feature_loaders(trainer, train_split, eval_split) -> tuple[torch.nn.Module, DataLoader, DataLoader]:
+    """For the engine: the module to train on cached features (``FeatureConnector`` over the PeftModel) and the
+    training (every caption, shuffled as the tower loader is) and evaluation (caption 0 of each image) loaders."""
+    config, accelerator = trainer.config, trainer.accelerator
+    with accelerator.main_process_first():
+        caches = [cached_split(trainer.model, split, trainer.collator, name, every, config.feature_cache_dir,
+                               config.eval_batch_size, progress=accelerator.is_main_process, log=accelerator.print)
+                  for split, name, every in ((train_split, "train", True), (eval_split, "eval", False))]
+    train_loader = DataLoader(caches[0], batch_size=config.batch_size, shuffle=True, drop_last=True,
+                              collate_fn=CachedFeatures.collate, num_workers=config.num_workers,
+                              generator=torch.Generator().manual_seed(config.seed))
+    eval_loader = DataLoader(caches[1], batch_size=config.eval_batch_size, collate_fn=CachedFeatures.collate,
+                             num_workers=config.num_workers)
+    return FeatureConnector(trainer.model), train_loader, eval_loader
