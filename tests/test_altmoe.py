@@ -8,11 +8,12 @@ import pytest
 import torch
 from peft import PeftModel
 from torch import nn
+from transformers import CLIPVisionConfig, VisionTextDualEncoderConfig, VisionTextDualEncoderModel
 
 from mmexperts import AltMoEConfig, TowerDiscoveryError
 from mmexperts.altmoe.features import CachedFeatures, FeatureConnector, cache_features
 
-from conftest import HIDDEN, make_batch, make_clip, make_dual_encoder, make_siglip
+from conftest import HIDDEN, IMAGE_SIZE, bert_config, make_batch, make_clip, make_dual_encoder, make_siglip
 
 FACTORIES = {"clip": make_clip, "dual_encoder": make_dual_encoder, "siglip": make_siglip}
 WIDTH = 16
@@ -125,3 +126,19 @@ def test_bad_input_fails_clearly(tmp_path):
     wider.vision_model.config.hidden_size = 48
     with pytest.raises(ValueError, match="vision tower of hidden size 32.*has hidden size 48"):
         PeftModel.from_pretrained(wider, tmp_path / "adapter")
+
+
+def test_interpolate_pos_encoding_reaches_the_vision_tower_of_a_dual_encoder():
+    """VisionTextDualEncoderModel drops the option; the adapter hands it to the tower (and to its own feature pass)."""
+    vision = CLIPVisionConfig(hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                              image_size=IMAGE_SIZE, patch_size=6)
+    torch.manual_seed(0)
+    base = VisionTextDualEncoderModel(VisionTextDualEncoderConfig.from_vision_text_configs(vision, bert_config(),
+                                                                                           projection_dim=16))
+    batch = {**make_batch(with_labels=False), "pixel_values": torch.randn(4, 3, 2 * IMAGE_SIZE, 2 * IMAGE_SIZE)}
+    with pytest.raises(ValueError, match="doesn't match"):
+        base(**batch, interpolate_pos_encoding=True)
+    model = peft.get_peft_model(base, AltMoEConfig(num_experts=4, top_k=2, hidden_size=16)).eval()
+    out = model(**batch, interpolate_pos_encoding=True, return_loss=True)
+    features = model.base_model.token_features(**batch, interpolate_pos_encoding=True)
+    assert features.image_tokens.shape[1] == (2 * IMAGE_SIZE // 6) ** 2 + 1 and torch.isfinite(out.loss)

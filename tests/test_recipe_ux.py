@@ -254,7 +254,8 @@ def test_a_normal_run_is_free_of_warning_noise(backbones, tmp_path):
 
 def test_the_retrieval_head_notice_is_silenced(backbones, tmp_path, capfd):
     Trainer(tiny(backbones, tmp_path, method="altmoe", dataset="synthetic:retrieval",
-                 method_config={"num_experts": 2, "top_k": 1, "hidden_size": 16})).setup()
+                 method_config={"num_experts": 2, "top_k": 1, "hidden_size": 16},
+                 feature_cache_dir=str(tmp_path / "feature-cache"))).setup()
     captured = capfd.readouterr()
     assert "newly initialized" not in captured.err + captured.out
 
