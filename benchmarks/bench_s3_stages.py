@@ -1,0 +1,243 @@
+"""Benchmark S3's three stages (the paper design) on the synthetic factor data, scored by linear probing.
+
+    python benchmarks/bench_s3_stages.py                  # 3 seeds, ~3 min on a quiet 2-core machine
+    python benchmarks/bench_s3_stages.py --seeds 0,1,2,3,4 --stage1-epochs 40
+    python benchmarks/bench_s3_stages.py --concepts       # also the concept design's expert-pruning sweep (~+2 min)
+
+Per seed: ``load_task("synthetic:factors")`` (the label needs shared, unique and synergistic factors of both
+modalities), a frozen random feature-encoder pair, and an S3 adapter (``S3Config.from_granularity``). Stage 1
+(Specialization) trains everything of the adapter without labels; stage 2 (Selection) trains only
+``selection_parameters()`` (the routers) with SupCon + compactness; stage 3 (Sparsification) sets each keep ratio p
+in turn, extracts ``fused_embeds`` for train and test (eval batches of ``--eval-batch-size``: the top-p pairs are
+chosen per batch) and fits a linear probe (``training.probes.fit_linear_probe``) on train, scored on test. The same
+keep-ratio sweep also runs on the model after stage 1 alone, and on the frozen towers' pooled features as a floor.
+Results: stdout, ``benchmarks/results/bench_s3_stages.{csv,md,png}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import peft
+import torch
+
+from mmexperts import FeatureEncoderConfig, FeatureEncoderForClassification, S3Config
+from mmexperts.data.loading import load_task
+from mmexperts.s3.sweep import feature_loader, fit, only_trainable
+from mmexperts.training.probes import fit_linear_probe
+
+from harness import cpu_name, git_commit
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+CSV_FIELDS = ("seed", "model", "keep_ratio", "kept_pairs", "test_accuracy")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--keep-ratios", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0")
+    parser.add_argument("--train-size", type=int, default=1000)
+    parser.add_argument("--eval-size", type=int, default=500)
+    parser.add_argument("--spurious-strength", type=float, default=0.0,
+                        help="Factor data: train-only agreement of the nuisance factors with the label.")
+    parser.add_argument("--granularities", default="2,8", help="chi values: experts per token (top_k).")
+    parser.add_argument("--expansion", type=int, default=2, help="rho: num_experts = chi * rho.")
+    parser.add_argument("--latent-dim", type=int, default=32)
+    parser.add_argument("--num-layers", type=int, default=1)
+    parser.add_argument("--hidden-size", type=int, default=32, help="Width of the frozen feature towers.")
+    parser.add_argument("--stage1-epochs", type=int, default=10)
+    parser.add_argument("--stage2-epochs", type=int, default=5)
+    parser.add_argument("--learning-rate", type=float, default=3e-3)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--eval-batch-size", type=int, default=256)
+    parser.add_argument("--dispatch", default="dense", choices=("dense", "sparse"),
+                        help="Expert dispatch; the same outputs, dense is faster at these tiny sizes.")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (tiny models run fastest on one; more thrash on a shared machine).")
+    parser.add_argument("--concepts", action="store_true", help="Also run the concept design's pruning sweep.")
+    parser.add_argument("--output", default=str(RESULTS / "bench_s3_stages"), help="Path stem of the result files.")
+    return parser.parse_args(argv)
+
+
+@torch.no_grad()
+def features(model: peft.PeftModel, loader, adapter: bool = True) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(features, labels, number of kept (token, expert) routing pairs) over a loader, in eval mode."""
+    model.eval()
+    rows, labels, pairs = [], [], 0
+    for batch in loader:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        if adapter:
+            out = model(**inputs)
+            rows.append(out.fused_embeds.float())
+            pairs += int((out.token_routing_weights > 0).sum())
+        else:
+            with model.disable_adapter():
+                out = model(**inputs)
+            rows.append(torch.cat([out.modality_a_embeds, out.modality_b_embeds], -1).float())
+        labels.append(batch["labels"])
+    return torch.cat(rows), torch.cat(labels), pairs
+
+
+def probe_accuracy(model, train, test, seed: int, adapter: bool = True) -> tuple[float, int]:
+    """Linear-probe test accuracy, and the routing pairs kept on the test split."""
+    train_x, train_y, _ = features(model, train, adapter)
+    test_x, test_y, pairs = features(model, test, adapter)
+    logits = fit_linear_probe(train_x, train_y, test_x, multi_label=False, num_labels=2, seed=seed)
+    return float((logits.argmax(-1) == test_y).float().mean()), pairs
+
+
+def keep_ratio_sweep(model, train, test, seed: int, name: str, ratios: list[float]) -> list[dict]:
+    """Probe accuracy at every keep ratio; ``kept_pairs`` is measured, as a fraction of the unpruned pairs."""
+    model.base_model.set_keep_ratio(1.0)
+    every = features(model, test)[2]
+    rows = []
+    for ratio in ratios:
+        model.base_model.set_keep_ratio(ratio)
+        accuracy, pairs = probe_accuracy(model, train, test, seed)
+        rows.append({"seed": seed, "model": name, "keep_ratio": ratio, "kept_pairs": round(pairs / every, 4),
+                     "test_accuracy": accuracy})
+    model.base_model.set_keep_ratio(1.0)
+    return rows
+
+
+def run_seed(args: argparse.Namespace, seed: int, ratios: list[float]) -> list[dict]:
+    task = load_task("synthetic:factors", train_size=args.train_size, eval_size=args.eval_size, seed=seed,
+                     spurious_strength=args.spurious_strength)
+    data = task.dataset
+    example = data["train"][0]
+    train = feature_loader(data["train"], args.batch_size, shuffle=True, seed=seed)
+    train_eval = feature_loader(data["train"], args.eval_batch_size)
+    test = feature_loader(data["test"], args.eval_batch_size)
+    rows = []
+    for chi in [int(g) for g in args.granularities.split(",")]:
+        torch.manual_seed(seed)
+        base = FeatureEncoderForClassification(FeatureEncoderConfig(
+            feature_dim_a=len(example["modality_a"][0]), feature_dim_b=len(example["modality_b"][0]),
+            hidden_size=args.hidden_size, num_hidden_layers=1, num_labels=task.num_labels))
+        config = S3Config.from_granularity(chi, args.expansion, latent_dim=args.latent_dim,
+                                           num_layers=args.num_layers, dispatch=args.dispatch)
+        model = peft.get_peft_model(base, config)
+        if not rows:  # the same frozen towers for every chi (same seed)
+            rows.append({"seed": seed, "model": "frozen towers", "keep_ratio": 1.0, "kept_pairs": 1.0,
+                         "test_accuracy": probe_accuracy(model, train_eval, test, seed, adapter=False)[0]})
+        fit(model, train, args.stage1_epochs, args.learning_rate, 1e-2, labels=False)
+        rows += keep_ratio_sweep(model, train_eval, test, seed, f"chi={chi}: specialization only", ratios)
+        model.base_model.set_stage("selection")
+        with only_trainable(model, model.base_model.selection_parameters()):
+            fit(model, train, args.stage2_epochs, args.learning_rate, 1e-2)
+        rows += keep_ratio_sweep(model, train_eval, test, seed, f"chi={chi}: S3 (three stages)", ratios)
+    return rows
+
+
+def concept_sweep(args: argparse.Namespace) -> list[dict]:
+    """The concept design's expert-pruning sweep (its own protocol: supervised heads, utility pruning, fine-tune)."""
+    from mmexperts.s3.sweep import SweepConfig, sparsity_sweep
+
+    config = SweepConfig(num_train=600, num_eval=400, seeds=args.seeds, sparsities="0,0.25,0.5,0.75", epochs=15,
+                         finetune_epochs=3, criterion="gate_mass", schedule="one-shot",
+                         output_dir=str(Path(args.output).with_name("bench_s3_stages_concepts")))
+    return sparsity_sweep(config)["summary"]
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    table = []
+    for model in dict.fromkeys(row["model"] for row in rows):
+        for ratio in sorted({row["keep_ratio"] for row in rows if row["model"] == model}):
+            cell = [row for row in rows if row["model"] == model and row["keep_ratio"] == ratio]
+            values = [row["test_accuracy"] for row in cell]
+            kept = statistics.mean(row["kept_pairs"] for row in cell)
+            table.append({"model": model, "keep_ratio": ratio, "mean": statistics.mean(values),
+                          "std": statistics.pstdev(values), "kept_pairs": kept, "seeds": len(values)})
+    return table
+
+
+def plot(summary: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for model in dict.fromkeys(row["model"] for row in summary):
+        cells = [row for row in summary if row["model"] == model]
+        x = np.array([row["keep_ratio"] for row in cells])
+        mean, std = np.array([row["mean"] for row in cells]), np.array([row["std"] for row in cells])
+        if len(cells) == 1:
+            ax.axhline(mean[0], color="grey", linestyle="--", label=f"{model} (no adapter)")
+            continue
+        ax.plot(x, mean, marker="o", label=model)
+        ax.fill_between(x, mean - std, mean + std, alpha=0.2)
+    ax.set_xlabel("keep ratio p (fraction of top-k routing pairs kept per batch)")
+    ax.set_ylabel("linear-probe test accuracy")
+    ax.set_title("S3 (paper design) on synthetic:factors")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def markdown(args, summary: list[dict], concepts: list[dict] | None, seconds: float, command: str) -> str:
+    models = [m for m in dict.fromkeys(row["model"] for row in summary) if m != "frozen towers"]
+    ratios = sorted({row["keep_ratio"] for row in summary if row["model"] in models})
+    cell = {(row["model"], row["keep_ratio"]): row for row in summary}
+    lines = [f"# S3 three stages on synthetic:factors (linear probe, {len(args.seeds.split(','))} seeds)", "",
+             f"`{command}`", "",
+             f"chi in {{{args.granularities}}}, rho={args.expansion} (N = chi * rho experts, top-chi), "
+             f"d={args.latent_dim}, {args.num_layers} MoE layer(s) per modality; stage 1 "
+             f"{args.stage1_epochs} epochs, stage 2 {args.stage2_epochs} epochs (routers only); train "
+             f"{args.train_size}, test {args.eval_size}; eval batches of {args.eval_batch_size}.", "",
+             "| keep ratio p | pairs kept | " + " | ".join(models) + " |",
+             "| --- | --- | " + " | ".join("---" for _ in models) + " |"]
+    for ratio in ratios:
+        kept = cell[(models[-1], ratio)]["kept_pairs"]
+        values = " | ".join(f"{cell[(m, ratio)]['mean']:.4f} ± {cell[(m, ratio)]['std']:.4f}" for m in models)
+        lines.append(f"| {ratio:.1f} | {kept:.3f} | {values} |")
+    frozen = cell.get(("frozen towers", 1.0))
+    if frozen:
+        lines += ["", f"Frozen towers alone (no adapter): {frozen['mean']:.4f} ± {frozen['std']:.4f}."]
+    if concepts:
+        lines += ["", "Concept design (`design=\"concepts\"`, its own protocol: supervised heads, gate-mass expert "
+                  "pruning, router + head fine-tune; 600 train / 400 test):", "",
+                  "| sparsity (experts pruned) | test accuracy |", "| --- | --- |"]
+        lines += [f"| {row['sparsity']:.2f} | {row['mean']:.4f} ± {row['std']:.4f} |" for row in concepts]
+    lines += ["", f"{seconds:.0f} s on {cpu_name()} ({torch.get_num_threads()} threads), torch {torch.__version__}, "
+              f"Python {platform.python_version()}, commit {git_commit(HERE)}."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    command = "python benchmarks/bench_s3_stages.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    ratios = [float(r) for r in args.keep_ratios.split(",")]
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    rows = []
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        rows += run_seed(args, seed, ratios)
+        print(f"seed {seed} done ({time.perf_counter() - start:.0f} s)", flush=True)
+    concepts = concept_sweep(args) if args.concepts else None
+    summary = summarize(rows)
+    stem = Path(args.output)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    with open(stem.with_suffix(".csv"), "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    plot(summary, stem.with_suffix(".png"))
+    text = markdown(args, summary, concepts, time.perf_counter() - start, command.strip())
+    stem.with_suffix(".md").write_text(text)
+    print(text)
+    print(f"wrote {stem.with_suffix('.csv')}, {stem.with_suffix('.png')}, {stem.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()
