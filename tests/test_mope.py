@@ -174,7 +174,8 @@ def test_attention_masks_extended_for_prompt_tokens():
     assert extended.shape == (1, 1, 5, 5)
     assert extended[0, 0, 2:, :2].all()  # every real token sees the prompts
     assert torch.equal(extended[0, 0, 2:, 2:], causal[0, 0])  # and the real tokens as before
-    assert extended[0, 0, :2, :2].all() and not extended[0, 0, :2, 2:].any()
+    assert extended[0, 0, :2, :2].all()  # the prompts see each other
+    assert extended[0, 0, :2, 2:].tolist() == [[True, True, False]] * 2  # and every real token padding allows
     additive = torch.zeros(1, 1, 3, 3).masked_fill(~causal, torch.finfo(torch.float32).min)
     assert torch.equal(extend_attention_mask(additive, 2) == 0, extended)
     assert extend_attention_mask(None, 2) is None
@@ -226,3 +227,45 @@ def test_adapters_must_prompt_the_same_tower():
     model = peft.get_peft_model(make_classifier(), MoPEConfig(prompted_tower="vision"))
     with pytest.raises(ValueError, match="same tower"):
         model.add_adapter("other", MoPEConfig(prompted_tower="text"))
+
+
+@pytest.mark.parametrize("tower", ["vision", "text"])
+@pytest.mark.parametrize("classifier_input", ["prompted", "concat"])
+def test_head_reads_the_mean_token_with_the_prompts(tower, classifier_input):
+    """head_pooling='mean' (default with prompt tokens): the head reads the prompted tower's mean output token over
+    the last block's prompts and the real tokens, each through the tower's final norm; 'summary' its own summary."""
+    read = tower if classifier_input == "prompted" else "concat"
+    base = make_classifier(classifier_input=read)
+    model = peft.get_peft_model(base, MoPEConfig(prompted_tower=tower, init_weights=False))
+    model.eval()
+    assert model.peft_config["default"].head_pooling == "mean"
+    batch = make_batch(with_labels=False)
+    prompted = base.vision_model if tower == "vision" else base.text_model
+    last = model.base_model.towers[tower].blocks[-1]
+    kept = {}
+    last.base_layer.register_forward_hook(lambda module, args, output: kept.update(
+        full=(output[0] if isinstance(output, tuple) else output)))
+    prompted.register_forward_hook(lambda module, args, output: kept.update(out=output))
+    with torch.no_grad():
+        out = model(**batch)
+    logits = out.logits
+    extra = kept["full"].shape[1] - kept["out"].last_hidden_state.shape[1]
+    assert extra == 13  # 6 static + 6 routed + 1 mapped
+    tokens = torch.cat([kept["full"][:, :extra], kept["out"].last_hidden_state], 1)
+    real = torch.ones(tokens.shape[:2])
+    if tower == "text":
+        real[:, extra:] = batch["attention_mask"]
+    norm = base.vision_model.layernorm if tower == "vision" else nn.Identity()  # BERT's blocks end normalised
+    mean = (norm(tokens) * real[..., None]).sum(1) / real.sum(1, keepdim=True)
+    # concat: the complementary tower's own summary (it has deep prompts) beside the prompted tower's mean token
+    features = mean if read != "concat" else torch.cat(
+        [mean, out.text_embeds] if tower == "vision" else [out.vision_embeds, mean], -1)
+    torch.testing.assert_close(logits, base.classifier(features), rtol=1e-4, atol=1e-5)
+    summary = peft.get_peft_model(make_classifier(classifier_input=read),
+                                  MoPEConfig(prompted_tower=tower, init_weights=False, head_pooling="summary"))
+    out = summary.eval()(**batch)
+    torch.testing.assert_close(out.logits, summary.base_model.model.classifier(
+        out.vision_embeds if read == "vision" else out.text_embeds if read == "text"
+        else torch.cat([out.vision_embeds, out.text_embeds], -1)))
+    with pytest.raises(ValueError, match="head_pooling"):
+        MoPEConfig(head_pooling="cls")

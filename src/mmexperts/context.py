@@ -18,6 +18,7 @@ class CallContext:
     - ``tokens``: modality -> (tokens, mask of real tokens) recorded by the layers that read a tower's tokens.
     - ``complementary``: MoPE's pooled feature of the complementary tower, set before the prompted tower runs.
     - ``mapped``: adapter -> MoPE's prompt mapped from that feature, computed once per call.
+    - ``prompt_outputs``: MoPE's last prompted block's output for its prompt tokens (batch, prompts, dim).
     - ``routing``: adapter -> routing weights (batch, K) of each routing site, in call order.
     - ``aux_losses``: adapter -> auxiliary losses of each routing site.
     """
@@ -27,6 +28,7 @@ class CallContext:
     tokens: dict = field(default_factory=dict)
     complementary: torch.Tensor | None = None
     mapped: dict = field(default_factory=dict)
+    prompt_outputs: torch.Tensor | None = None
     routing: dict = field(default_factory=dict)
     aux_losses: dict = field(default_factory=dict)
 
@@ -36,7 +38,7 @@ class CallContext:
 
     def clear(self) -> None:
         self.running, self.inputs, self.tokens, self.complementary = False, {}, {}, None
-        self.mapped, self.routing, self.aux_losses = {}, {}, {}
+        self.mapped, self.routing, self.aux_losses, self.prompt_outputs = {}, {}, {}, None
 
     def record(self, adapter_name: str, routing: torch.Tensor, aux_loss: torch.Tensor) -> None:
         """Keep one routing site's weights and auxiliary loss."""

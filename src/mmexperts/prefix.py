@@ -14,6 +14,8 @@ A zero gate makes the block exactly the frozen block; padding masks stay untouch
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,8 +30,9 @@ def extend_attention_mask(mask: torch.Tensor | None, extra: int) -> torch.Tensor
     """A block's attention mask for ``extra`` prompt tokens placed before its real tokens.
 
     Every real token may attend to the prompts (also in causal towers, where the prompts come first); the prompts
-    attend to each other (their outputs are dropped after the block). Takes the 2-D (batch, keys) padding mask or a
-    4-D (batch, heads, queries, keys) boolean or additive mask; ``None`` stays ``None``.
+    attend to each other and to every real token that padding allows (as with a 2-D mask), whatever the tower's
+    causality: their outputs never reach a real token. Takes the 2-D (batch, keys) padding mask or a 4-D
+    (batch, heads, queries, keys) boolean or additive mask; ``None`` stays ``None``.
     """
     if mask is None:
         return None
@@ -43,14 +46,16 @@ def extend_attention_mask(mask: torch.Tensor | None, extra: int) -> torch.Tensor
     columns = torch.cat([mask.new_full((batch, heads, queries, extra), open_value), mask], -1)
     if queries == 1:  # one row broadcast over all queries
         return columns
+    # the last query row sees every real key (causal or not): the prompts' view of the real tokens
     prompt_rows = torch.cat([mask.new_full((batch, heads, extra, extra), open_value),
-                             mask.new_full((batch, heads, extra, keys), closed_value)], -1)
+                             mask[:, :, -1:, :].expand(batch, heads, extra, keys)], -1)
     return torch.cat([prompt_rows, columns], 2)
 
 
 def with_prompt_tokens(block: nn.Module, prompts: torch.Tensor, hidden_states: torch.Tensor, args: tuple,
-                       kwargs: dict):
-    """Call ``block`` on ``[prompts; hidden_states]`` and return its output for the real tokens only."""
+                       kwargs: dict, keep_prompts: Callable[[torch.Tensor], None] | None = None):
+    """Call ``block`` on ``[prompts; hidden_states]`` and return its output for the real tokens only; ``keep_prompts``
+    receives the block's output for the prompt tokens."""
     rotary = [name for name in _ROTARY_KWARGS if kwargs.get(name) is not None]
     if rotary:
         raise ValueError(f"{type(block).__name__} gets rotary position embeddings ({rotary[0]}), which do not cover "
@@ -62,6 +67,8 @@ def with_prompt_tokens(block: nn.Module, prompts: torch.Tensor, hidden_states: t
     elif kwargs.get("attention_mask") is not None:
         kwargs = {**kwargs, "attention_mask": extend_attention_mask(kwargs["attention_mask"], extra)}
     output = block(tokens, *args, **kwargs)
+    if keep_prompts is not None:
+        keep_prompts((output[0] if isinstance(output, tuple) else output)[:, :extra])
     if isinstance(output, tuple):
         return (output[0][:, extra:], *output[1:])
     return output[:, extra:]

@@ -35,6 +35,9 @@ POOLER_MODEL_TYPES = ("clip_vision_model", "clip_text_model", "siglip_text_model
 MEAN_WITHOUT_HEAD_MODEL_TYPES = ("siglip_vision_model", "siglip2_vision_model")
 # Where a tower that wraps its transformer (CLIPVisionModelWithProjection) keeps the final norm of its summary.
 SUMMARY_NORM_PATHS = ("post_layernorm", "vision_model.post_layernorm")
+# The norm a tower applies after its last block (ViT's `layernorm`, CLIP's and SigLIP's `post_layernorm`, CLIP text's
+# `final_layer_norm`); BERT has none: its blocks end in their own layer norm.
+FINAL_NORM_PATHS = (*SUMMARY_NORM_PATHS, "layernorm", "final_layer_norm")
 
 _QUERY_NAMES = ("q_proj", "query")
 _KEY_NAMES = ("k_proj", "key")
@@ -60,6 +63,7 @@ class Tower:
     input_names: tuple[str, ...]
     pooling: str
     summary_norm: nn.Module | None = None
+    final_norm: nn.Module | None = None
 
     @property
     def block_names(self) -> list[str]:
@@ -138,8 +142,8 @@ def _pooling(tower: nn.Module) -> str:
     return "pooler" if model_type in POOLER_MODEL_TYPES else "cls"
 
 
-def _summary_norm(tower: nn.Module) -> nn.Module | None:
-    for path in SUMMARY_NORM_PATHS:
+def _summary_norm(tower: nn.Module, paths: tuple[str, ...] = SUMMARY_NORM_PATHS) -> nn.Module | None:
+    for path in paths:
         norm = _get(tower, path)
         if isinstance(norm, nn.Module):
             return norm
@@ -199,7 +203,8 @@ def find_towers(model: nn.Module) -> dict[str, Tower]:
         pooling = _pooling(module)
         found[modality] = Tower(modality, path, module, f"{path}.{blocks_path}", block_list, int(hidden_size),
                                 _input_names(module, inputs), pooling,
-                                _summary_norm(module) if pooling == "pooler" else None)
+                                _summary_norm(module) if pooling == "pooler" else None,
+                                _summary_norm(module, FINAL_NORM_PATHS))
     if problems:
         raise TowerDiscoveryError(
             f"Could not find the vision and text towers of {type(model).__name__}: {'; '.join(problems)}. "

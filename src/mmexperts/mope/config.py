@@ -10,6 +10,7 @@ from ..tuners import TowerAdapterConfig
 
 TOWERS = ("vision", "text")
 PROMPT_MODES = ("tokens", "prefix")
+HEAD_POOLINGS = ("mean", "summary")
 
 
 @dataclass
@@ -48,6 +49,13 @@ class MoPEConfig(TowerAdapterConfig):
         "help": "'tokens': prompts are extra tokens each block processes with the real ones and drops after it "
                 "(VPT-deep, as the official code); 'prefix': prompts are extra keys/values of each block's "
                 "self-attention behind a zero-init per-head gate (the adapter starts as an exact identity)."})
+    head_pooling: str | None = field(default=None, metadata={
+        "help": "What the classifier head reads from the prompted tower: 'mean' (as the official code) the mean of "
+                "its last block's output tokens, the prompt tokens included, after the tower's final norm; "
+                "'summary' the tower's own summary ([CLS] or pooler output), as the base model pools it. None: "
+                "'mean' with prompt_mode='tokens', 'summary' with 'prefix' (an exact identity at init). With 'mean' "
+                "the prompts' outputs reach the head directly; through a frozen [CLS] alone the fused information "
+                "barely does (on real towers MoPE then stays near chance)."})
     init_weights: bool = field(
         default=True, metadata={"help": "With prompt_mode='prefix': True zero-inits the prompt gates (an exact "
                                         "identity at init); False draws them at random (for tests)."})
@@ -57,6 +65,9 @@ class MoPEConfig(TowerAdapterConfig):
         self.peft_type = MMExpertsPeftType.MOPE
         self.check_choice("prompt_mode", PROMPT_MODES)
         self.check_choice("prompted_tower", TOWERS)
+        if self.head_pooling is None:
+            self.head_pooling = "mean" if self.prompt_mode == "tokens" else "summary"
+        self.check_choice("head_pooling", HEAD_POOLINGS)
         self.check_int("prompt_length", 1)
         for name in ("num_experts", "static_prompt_length", "mapped_prompt_length", "complementary_prompt_length",
                      "router_self_dim", "router_cross_dim", "mapper_hidden_size"):

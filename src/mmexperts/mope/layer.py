@@ -53,8 +53,10 @@ class MoPELayer(UnmergeableLayer, nn.Module, BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters = []
 
-    def update_layer(self, adapter_name: str, config: MoPEConfig, role: str, owns_mapper: bool) -> None:
-        """Create the prompts (and router, mapper) of one adapter in this block."""
+    def update_layer(self, adapter_name: str, config: MoPEConfig, role: str, owns_mapper: bool,
+                     last_block: bool = False) -> None:
+        """Create the prompts (and router, mapper) of one adapter in this block; ``last_block``: the prompted tower's
+        last block, whose prompt outputs the head reads with ``head_pooling='mean'``."""
         device = next(self.base_layer.parameters()).device
         d, bound = self.hidden_size, _prompt_init(self.hidden_size)
 
@@ -90,6 +92,7 @@ class MoPELayer(UnmergeableLayer, nn.Module, BaseTunerLayer):
             "mapped_prompt_length": config.mapped_prompt_length if role == ROUTED else 0,
             "importance_threshold": config.importance_threshold,
             "prompt_dropout": config.prompt_dropout,
+            "keeps_prompt_outputs": last_block and role == ROUTED and config.head_pooling == "mean",
         }
         self.set_adapter(self.active_adapters)
 
@@ -153,8 +156,14 @@ class MoPELayer(UnmergeableLayer, nn.Module, BaseTunerLayer):
         if prefixes:
             kwargs[PREFIX_KWARG] = prefixes
         if tokens:
-            return with_prompt_tokens(self.base_layer, torch.cat(tokens, 1), hidden_states, args, kwargs)
+            keeps = any(self.mope_settings[name].get("keeps_prompt_outputs") for name in self.active_adapters
+                        if name in self.mope_settings)
+            return with_prompt_tokens(self.base_layer, torch.cat(tokens, 1), hidden_states, args, kwargs,
+                                      keep_prompts=self._keep_prompt_outputs if keeps else None)
         return self.base_layer(hidden_states, *args, **kwargs)
+
+    def _keep_prompt_outputs(self, outputs: torch.Tensor) -> None:
+        self._context.prompt_outputs = outputs
 
     def __repr__(self) -> str:
         return "mope." + super().__repr__()

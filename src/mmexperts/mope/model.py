@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
 from ..conditioning import complementary_first
 from ..errors import ConfigError
+from ..towers import Tower, masked_mean
 from ..tuners import TwoTowerTuner
 from .config import MoPEConfig
 from .layer import DEEP, ROUTED, MoPELayer
@@ -63,12 +66,13 @@ class MoPEModel(TwoTowerTuner):
         routed_names = [n for n in prompted.block_names if self._check_target_module_exists(peft_config, n)]
         role = ROUTED if current_key in prompted.block_names else DEEP
         owns_mapper = bool(routed_names) and current_key == routed_names[0]
+        last_block = current_key == prompted.block_names[-1]
         if isinstance(target, MoPELayer):
-            target.update_layer(adapter_name, peft_config, role, owns_mapper)
+            target.update_layer(adapter_name, peft_config, role, owns_mapper, last_block)
             return
         complementary_size = towers[peft_config.complementary_tower].hidden_size
         new_module = MoPELayer(target, self.context, complementary_size)
-        new_module.update_layer(adapter_name, peft_config, role, owns_mapper)
+        new_module.update_layer(adapter_name, peft_config, role, owns_mapper, last_block)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
@@ -81,13 +85,53 @@ class MoPEModel(TwoTowerTuner):
                     f"{config.prompted_tower} tower; all MoPE adapters on one model must prompt the same tower."
                 )
 
+    @contextmanager
     def call_hooks(self, inputs: dict, adapter_names: list[str]):
         """The complementary tower runs first; its feature and the mapped prompts reach the context before the
-        prompted tower runs."""
+        prompted tower runs. With ``head_pooling='mean'`` the head reads the prompted tower's mean token."""
         config = self.peft_config[adapter_names[0]]
         towers = self.towers
-        return complementary_first(towers[config.prompted_tower], towers[config.complementary_tower], inputs,
-                                   lambda feature: self._receive_complementary(feature, adapter_names))
+        prompted = towers[config.prompted_tower]
+        with complementary_first(prompted, towers[config.complementary_tower], inputs,
+                                 lambda feature: self._receive_complementary(feature, adapter_names)):
+            head = getattr(self.model, "classifier", None)
+            if config.head_pooling != "mean" or not isinstance(head, nn.Module):
+                yield
+                return
+            handles = [prompted.module.register_forward_hook(
+                           lambda module, args, output: self._keep_tokens(prompted, inputs, output)),
+                       head.register_forward_pre_hook(lambda module, args: self._mean_token_to_head(prompted, args))]
+            try:
+                yield
+            finally:
+                for handle in handles:
+                    handle.remove()
+
+    def _keep_tokens(self, prompted: Tower, inputs: dict, output) -> None:
+        tokens = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+        mask = inputs.get("attention_mask") if prompted.modality == "text" else None
+        self.context.tokens[prompted.modality] = (tokens, mask)
+
+    def _mean_token_to_head(self, prompted: Tower, args: tuple) -> tuple:
+        """Swap the prompted tower's pooled summary in the head's input for its mean output token (prompt tokens
+        included, each after the tower's final norm), through the base model's own head dropout."""
+        tokens, mask = self.context.tokens[prompted.modality]
+        real = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device) if mask is None else mask.bool()
+        if self.context.prompt_outputs is not None:
+            prompts = self.context.prompt_outputs.to(tokens.dtype)
+            tokens = torch.cat([prompts, tokens], 1)
+            real = torch.cat([real.new_ones(prompts.shape[:2]), real], 1)
+        if prompted.final_norm is not None:
+            tokens = prompted.final_norm(tokens)
+        pooled = getattr(self.model, "dropout", nn.Identity())(masked_mean(tokens, real))
+        features, start = args[0], 0
+        read = getattr(self.model.config, "classifier_input", prompted.modality)
+        if read == "concat":
+            start = 0 if prompted.modality == "vision" else self.towers["vision"].hidden_size
+        elif read != prompted.modality:
+            return args
+        return (torch.cat([features[:, :start], pooled.to(features.dtype),
+                           features[:, start + pooled.shape[-1]:]], -1), *args[1:])
 
     def _receive_complementary(self, feature: torch.Tensor, adapter_names: list[str]) -> None:
         """Keep the complementary feature and map it into each adapter's prompt, once per call."""
