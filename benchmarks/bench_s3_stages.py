@@ -139,12 +139,15 @@ def run_seed(args: argparse.Namespace, seed: int, ratios: list[float]) -> list[d
 
 def concept_sweep(args: argparse.Namespace) -> list[dict]:
     """The concept design's expert-pruning sweep (its own protocol: supervised heads, utility pruning, fine-tune)."""
+    import tempfile
+
     from mmexperts.s3.sweep import SweepConfig, sparsity_sweep
 
-    config = SweepConfig(num_train=600, num_eval=400, seeds=args.seeds, sparsities="0,0.25,0.5,0.75", epochs=15,
-                         finetune_epochs=3, criterion="gate_mass", schedule="one-shot",
-                         output_dir=str(Path(args.output).with_name("bench_s3_stages_concepts")))
-    return sparsity_sweep(config)["summary"]
+    with tempfile.TemporaryDirectory() as folder:
+        config = SweepConfig(num_train=600, num_eval=400, seeds=args.seeds, sparsities="0,0.25,0.5,0.75",
+                             epochs=15, finetune_epochs=3, criterion="gate_mass", schedule="one-shot",
+                             output_dir=folder)
+        return sparsity_sweep(config)["summary"]
 
 
 def summarize(rows: list[dict]) -> list[dict]:
