@@ -253,3 +253,24 @@ def test_runtime_setters_and_design_mixups_are_clear_errors():
         concepts.base_model.set_keep_ratio(0.5)
     with pytest.raises(ValueError, match="paper design"):
         concepts.base_model.selection_parameters()
+
+
+def test_dropped_pairs_cost_no_expert_compute():
+    model = paper_s3().eval()
+    batch = make_batch()
+    rows = []
+    for layer in model.base_model._layers().values():
+        experts = layer.s3_encoder["default"].blocks[0].moe.experts
+        original = experts.expert
+        experts.expert = lambda index, tokens, run=original: rows.append(tokens.shape[0]) or run(index, tokens)
+
+    def expert_rows(ratio):
+        model.base_model.set_keep_ratio(ratio)
+        rows.clear()
+        pairs = int((token_pairs(model, batch) > 0).sum())
+        return sum(rows), pairs
+
+    full_rows, full_pairs = expert_rows(1.0)
+    pruned_rows, pruned_pairs = expert_rows(0.3)
+    assert full_rows == full_pairs and pruned_rows == pruned_pairs  # each expert runs on its kept pairs only
+    assert pruned_rows < 0.35 * full_rows
