@@ -637,3 +637,27 @@ def test_each_method_trains_on_the_real_towers_truncated_to_two_blocks():
         sentences = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
         similarity = sentences @ sentences.T
     assert similarity[0, 1] > similarity[0, 2] + 0.3
+
+
+@pytest.mark.skipif(cached_real_towers() is None, reason="the real towers are not in the cache (CI fetches them "
+                                                          "with python -m mmexperts.offline.real_towers)")
+def test_the_recipe_trains_mope_on_real_images_with_the_real_towers_by_default(tmp_path, capsys):
+    """fashion:entailment picks the real towers ('auto'), truncated and at 32 px with interpolated positions."""
+    from mmexperts.training import TrainConfig, Trainer
+
+    config = TrainConfig(method="mope", dataset="fashion:entailment", train_size=16, eval_size=8, batch_size=8,
+                         eval_batch_size=8, max_steps=2, warmup_steps=1, eval_steps=2, save_steps=2,
+                         vision_layers=1, text_layers=1, vision_image_size=32, max_length=16,
+                         unimodal_baselines=False, output_dir=str(tmp_path / "run"))
+    trainer = Trainer(config)
+    metrics = trainer.train()
+    printed = capsys.readouterr().out
+    paths = cached_real_towers()
+    assert f"Vision tower: {paths['vision']} (real pretrained tower" in printed and "first 1 blocks" in printed
+    assert f"Text tower: {paths['text']} (real pretrained tower" in printed
+    base = trainer.accelerator.unwrap_model(trainer.model).base_model.model
+    assert len(base.vision_model.encoder.layers) == len(base.text_model.encoder.layer) == 1
+    batch = next(iter(trainer.eval_loader))
+    assert batch["pixel_values"].shape[-2:] == (32, 32) and batch["interpolate_pos_encoding"] is True
+    assert 0.0 <= metrics["eval_accuracy"] <= 1.0
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()
