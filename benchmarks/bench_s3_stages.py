@@ -1,8 +1,8 @@
 """Benchmark S3's three stages (the paper design) on the synthetic factor data, scored by linear probing.
 
-    python benchmarks/bench_s3_stages.py                  # 3 seeds, ~3 min on a quiet 2-core machine
+    python benchmarks/bench_s3_stages.py                  # 3 seeds, ~4.5 min on 2 busy cores (load 5)
     python benchmarks/bench_s3_stages.py --seeds 0,1,2,3,4 --stage1-epochs 40
-    python benchmarks/bench_s3_stages.py --concepts       # also the concept design's expert-pruning sweep (~+2 min)
+    python benchmarks/bench_s3_stages.py --skip-concepts  # without the concept design's expert-pruning sweep
 
 Per seed: ``load_task("synthetic:factors")`` (the label needs shared, unique and synergistic factors of both
 modalities), a frozen random feature-encoder pair, and an S3 adapter (``S3Config.from_granularity``). Stage 1
@@ -10,17 +10,22 @@ modalities), a frozen random feature-encoder pair, and an S3 adapter (``S3Config
 ``selection_parameters()`` (the routers) with SupCon + compactness; stage 3 (Sparsification) sets each keep ratio p
 in turn, extracts ``fused_embeds`` for train and test (eval batches of ``--eval-batch-size``: the top-p pairs are
 chosen per batch) and fits a linear probe (``training.probes.fit_linear_probe``) on train, scored on test. The same
-keep-ratio sweep also runs on the model after stage 1 alone, and on the frozen towers' pooled features as a floor.
+keep-ratio sweep also runs on the model after stage 1 alone, and the frozen towers' pooled features give a baseline.
+Beside it, a small ``mmexperts.s3.sweep.sparsity_sweep`` of the concepts design (its own data and protocol: a
+train-only nuisance shortcut, supervised heads, gate-mass expert pruning, router + head fine-tune).
 Results: stdout, ``benchmarks/results/bench_s3_stages.{csv,md,png}``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import io
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -62,7 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="Expert dispatch; the same outputs, dense is faster at these tiny sizes.")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (tiny models run fastest on one; more thrash on a shared machine).")
-    parser.add_argument("--concepts", action="store_true", help="Also run the concept design's pruning sweep.")
+    parser.add_argument("--skip-concepts", action="store_true",
+                        help="Skip the concept design's expert-pruning sweep (a small sparsity_sweep, ~1 min).")
     parser.add_argument("--output", default=str(RESULTS / "bench_s3_stages"), help="Path stem of the result files.")
     return parser.parse_args(argv)
 
@@ -139,11 +145,10 @@ def run_seed(args: argparse.Namespace, seed: int, ratios: list[float]) -> list[d
 
 def concept_sweep(args: argparse.Namespace) -> list[dict]:
     """The concept design's expert-pruning sweep (its own protocol: supervised heads, utility pruning, fine-tune)."""
-    import tempfile
-
     from mmexperts.s3.sweep import SweepConfig, sparsity_sweep
 
-    with tempfile.TemporaryDirectory() as folder:
+    with tempfile.TemporaryDirectory() as folder, contextlib.redirect_stdout(io.StringIO()), \
+            contextlib.redirect_stderr(io.StringIO()):  # the sweep's own progress report
         config = SweepConfig(num_train=600, num_eval=400, seeds=args.seeds, sparsities="0,0.25,0.5,0.75",
                              epochs=15, finetune_epochs=3, criterion="gate_mass", schedule="one-shot",
                              output_dir=folder)
@@ -208,8 +213,10 @@ def markdown(args, summary: list[dict], concepts: list[dict] | None, seconds: fl
     if frozen:
         lines += ["", f"Frozen towers alone (no adapter): {frozen['mean']:.4f} ± {frozen['std']:.4f}."]
     if concepts:
-        lines += ["", "Concept design (`design=\"concepts\"`, its own protocol: supervised heads, gate-mass expert "
-                  "pruning, router + head fine-tune; 600 train / 400 test):", "",
+        lines += ["", "Concepts design (`design=\"concepts\"`), `sparsity_sweep` with its own data and protocol: "
+                  "SweepConfig's factor data (label from shared + unique_a; modality b's noise agrees with the label "
+                  "in train only), 600 train / 400 test, supervised heads 15 epochs, one-shot gate-mass pruning, "
+                  "3 fine-tune epochs; test accuracy:", "",
                   "| sparsity (experts pruned) | test accuracy |", "| --- | --- |"]
         lines += [f"| {row['sparsity']:.2f} | {row['mean']:.4f} ± {row['std']:.4f} |" for row in concepts]
     lines += ["", f"{seconds:.0f} s on {cpu_name()} ({torch.get_num_threads()} threads), torch {torch.__version__}, "
@@ -227,7 +234,7 @@ def main(argv=None) -> None:
     for seed in [int(s) for s in args.seeds.split(",")]:
         rows += run_seed(args, seed, ratios)
         print(f"seed {seed} done ({time.perf_counter() - start:.0f} s)", flush=True)
-    concepts = concept_sweep(args) if args.concepts else None
+    concepts = None if args.skip_concepts else concept_sweep(args)
     summary = summarize(rows)
     stem = Path(args.output)
     stem.parent.mkdir(parents=True, exist_ok=True)
