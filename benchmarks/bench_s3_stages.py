@@ -23,22 +23,20 @@ import contextlib
 import csv
 import io
 import platform
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import peft
 import torch
 
 from mmexperts import FeatureEncoderConfig, FeatureEncoderForClassification, S3Config
 from mmexperts.data.loading import load_task
-from mmexperts.s3.sweep import feature_loader, fit, only_trainable
-from mmexperts.training.probes import fit_linear_probe
+from mmexperts.s3.sweep import feature_loader
 
 from harness import cpu_name, git_commit
+from s3_protocol import plot, probe_accuracy, summarize, sweep_table, three_stages
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -73,47 +71,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-@torch.no_grad()
-def features(model: peft.PeftModel, loader, adapter: bool = True) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(features, labels, number of kept (token, expert) routing pairs) over a loader, in eval mode."""
-    model.eval()
-    rows, labels, pairs = [], [], 0
-    for batch in loader:
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        if adapter:
-            out = model(**inputs)
-            rows.append(out.fused_embeds.float())
-            pairs += int((out.token_routing_weights > 0).sum())
-        else:
-            with model.disable_adapter():
-                out = model(**inputs)
-            rows.append(torch.cat([out.modality_a_embeds, out.modality_b_embeds], -1).float())
-        labels.append(batch["labels"])
-    return torch.cat(rows), torch.cat(labels), pairs
-
-
-def probe_accuracy(model, train, test, seed: int, adapter: bool = True) -> tuple[float, int]:
-    """Linear-probe test accuracy, and the routing pairs kept on the test split."""
-    train_x, train_y, _ = features(model, train, adapter)
-    test_x, test_y, pairs = features(model, test, adapter)
-    logits = fit_linear_probe(train_x, train_y, test_x, multi_label=False, num_labels=2, seed=seed)
-    return float((logits.argmax(-1) == test_y).float().mean()), pairs
-
-
-def keep_ratio_sweep(model, train, test, seed: int, name: str, ratios: list[float]) -> list[dict]:
-    """Probe accuracy at every keep ratio; ``kept_pairs`` is measured, as a fraction of the unpruned pairs."""
-    model.base_model.set_keep_ratio(1.0)
-    every = features(model, test)[2]
-    rows = []
-    for ratio in ratios:
-        model.base_model.set_keep_ratio(ratio)
-        accuracy, pairs = probe_accuracy(model, train, test, seed)
-        rows.append({"seed": seed, "model": name, "keep_ratio": ratio, "kept_pairs": round(pairs / every, 4),
-                     "test_accuracy": accuracy})
-    model.base_model.set_keep_ratio(1.0)
-    return rows
-
-
 def run_seed(args: argparse.Namespace, seed: int, ratios: list[float]) -> list[dict]:
     task = load_task("synthetic:factors", train_size=args.train_size, eval_size=args.eval_size, seed=seed,
                      spurious_strength=args.spurious_strength)
@@ -134,12 +91,8 @@ def run_seed(args: argparse.Namespace, seed: int, ratios: list[float]) -> list[d
         if not rows:  # the same frozen towers for every chi (same seed)
             rows.append({"seed": seed, "model": "frozen towers", "keep_ratio": 1.0, "kept_pairs": 1.0,
                          "test_accuracy": probe_accuracy(model, train_eval, test, seed, adapter=False)[0]})
-        fit(model, train, args.stage1_epochs, args.learning_rate, 1e-2, labels=False)
-        rows += keep_ratio_sweep(model, train_eval, test, seed, f"chi={chi}: specialization only", ratios)
-        model.base_model.set_stage("selection")
-        with only_trainable(model, model.base_model.selection_parameters()):
-            fit(model, train, args.stage2_epochs, args.learning_rate, 1e-2)
-        rows += keep_ratio_sweep(model, train_eval, test, seed, f"chi={chi}: S3 (three stages)", ratios)
+        rows += three_stages(model, train, train_eval, test, seed, f"chi={chi}", ratios, args.stage1_epochs,
+                             args.stage2_epochs, args.learning_rate)
     return rows
 
 
@@ -155,47 +108,8 @@ def concept_sweep(args: argparse.Namespace) -> list[dict]:
         return sparsity_sweep(config)["summary"]
 
 
-def summarize(rows: list[dict]) -> list[dict]:
-    table = []
-    for model in dict.fromkeys(row["model"] for row in rows):
-        for ratio in sorted({row["keep_ratio"] for row in rows if row["model"] == model}):
-            cell = [row for row in rows if row["model"] == model and row["keep_ratio"] == ratio]
-            values = [row["test_accuracy"] for row in cell]
-            kept = statistics.mean(row["kept_pairs"] for row in cell)
-            table.append({"model": model, "keep_ratio": ratio, "mean": statistics.mean(values),
-                          "std": statistics.pstdev(values), "kept_pairs": kept, "seeds": len(values)})
-    return table
-
-
-def plot(summary: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for model in dict.fromkeys(row["model"] for row in summary):
-        cells = [row for row in summary if row["model"] == model]
-        x = np.array([row["keep_ratio"] for row in cells])
-        mean, std = np.array([row["mean"] for row in cells]), np.array([row["std"] for row in cells])
-        if len(cells) == 1:
-            ax.axhline(mean[0], color="grey", linestyle="--", label=f"{model} (no adapter)")
-            continue
-        ax.plot(x, mean, marker="o", label=model)
-        ax.fill_between(x, mean - std, mean + std, alpha=0.2)
-    ax.set_xlabel("keep ratio p (fraction of top-k routing pairs kept per batch)")
-    ax.set_ylabel("linear-probe test accuracy")
-    ax.set_title("S3 (paper design) on synthetic:factors")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def markdown(args, summary: list[dict], concepts: list[dict] | None, seconds: float, command: str) -> str:
     models = [m for m in dict.fromkeys(row["model"] for row in summary) if m != "frozen towers"]
-    ratios = sorted({row["keep_ratio"] for row in summary if row["model"] in models})
     cell = {(row["model"], row["keep_ratio"]): row for row in summary}
     lines = [f"# S3 three stages on synthetic:factors (linear probe, {len(args.seeds.split(','))} seeds)", "",
              f"`{command}`", "",
@@ -203,12 +117,7 @@ def markdown(args, summary: list[dict], concepts: list[dict] | None, seconds: fl
              f"d={args.latent_dim}, {args.num_layers} MoE layer(s) per modality; stage 1 "
              f"{args.stage1_epochs} epochs, stage 2 {args.stage2_epochs} epochs (routers only); train "
              f"{args.train_size}, test {args.eval_size}; eval batches of {args.eval_batch_size}.", "",
-             "| keep ratio p | pairs kept | " + " | ".join(models) + " |",
-             "| --- | --- | " + " | ".join("---" for _ in models) + " |"]
-    for ratio in ratios:
-        kept = cell[(models[-1], ratio)]["kept_pairs"]
-        values = " | ".join(f"{cell[(m, ratio)]['mean']:.4f} ± {cell[(m, ratio)]['std']:.4f}" for m in models)
-        lines.append(f"| {ratio:.1f} | {kept:.3f} | {values} |")
+             *sweep_table(summary, models)]
     frozen = cell.get(("frozen towers", 1.0))
     if frozen:
         lines += ["", f"Frozen towers alone (no adapter): {frozen['mean']:.4f} ± {frozen['std']:.4f}."]
@@ -242,7 +151,7 @@ def main(argv=None) -> None:
         writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
         writer.writeheader()
         writer.writerows(rows)
-    plot(summary, stem.with_suffix(".png"))
+    plot(summary, stem.with_suffix(".png"), "S3 (paper design) on synthetic:factors")
     text = markdown(args, summary, concepts, time.perf_counter() - start, command.strip())
     stem.with_suffix(".md").write_text(text)
     print(text)
