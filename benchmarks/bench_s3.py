@@ -49,8 +49,9 @@ def time_core(core: S3Core, tokens: torch.Tensor, mask: torch.Tensor, expert_mas
 
 def cost_table(rounds: int, num_experts: int = 8) -> list[str]:
     torch.manual_seed(0)
-    core = S3Core(S3Config(num_experts=num_experts, latent_dim=256, expert_hidden_dim=1024, init_weights=False),
-                  num_labels=2)
+    config = S3Config(design="concepts", num_experts=num_experts, latent_dim=256, expert_hidden_dim=1024,
+                      init_weights=False)
+    core = S3Core(config, num_labels=2)
     tokens, mask = torch.randn(128, 64, 256), torch.ones(128, 64, dtype=torch.bool)
     levels = list(range(num_experts))
     masks = {p: torch.arange(num_experts) < num_experts - p for p in levels}
