@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mmexperts import FeatureEncoderConfig, FeatureEncoderForClassification, S3Config
 from mmexperts.s3.sweep import SweepConfig, evaluate, fit, sparsity_sweep
-from mmexperts.training import method_config, train
+from mmexperts.training import Trainer, method_config, train
 
 from conftest import make_batch, make_classifier, tiny_config
 
@@ -301,3 +301,25 @@ def test_bad_sparsity_masks_and_task_ids_are_clear_errors():
     with pytest.raises(ValueError, match="token_layer must index one of the 1 blocks"):
         feature_s3(token_layer=3)
     assert tuner.active_experts() == [0, 1, 2, 3]  # nothing above changed the mask
+
+
+def test_recipe_trains_the_paper_design_stage_one_with_its_probe(backbones, tmp_path):  # noqa: F811
+    trainer = Trainer(tiny_config(backbones, tmp_path, method="s3", max_steps=4,
+                                  method_config={"num_experts": 4, "latent_dim": 16, "init_weights": False}))
+    trainer.setup()
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    assert model.peft_config["default"].design == "paper" and model.peft_config["default"].stage == "specialization"
+    before = {k: v.detach().clone() for k, v in peft.get_peft_model_state_dict(model).items()}
+    batch = next(iter(trainer.train_loader))
+    model.train()
+    out = model(**trainer.model_inputs(batch))
+    assert {"rep_loss", "dsc_loss"} <= set(out.keys()) and out.logits.shape == (batch["labels"].shape[0], 2)
+    results = trainer.train()
+    after = peft.get_peft_model_state_dict(model)
+    moved = {key for key in before if not torch.equal(before[key], after[key])}
+    for tower in ("vision_model", "text_model"):  # stage 1 reaches both towers' routers, experts and projections
+        for part in ("s3_encoder.blocks.0.moe.router", "s3_encoder.blocks.0.moe.experts", "s3_proj"):
+            assert any(tower in key and part in key for key in moved), f"{tower} {part} did not train"
+    assert any("s3_head" in key for key in moved)  # the online linear probe
+    assert results["method"] == "s3" and 0 <= results["eval_accuracy"] <= 1
+    assert '"design": "paper"' in (tmp_path / "adapter" / "adapter_config.json").read_text()
