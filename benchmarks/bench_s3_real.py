@@ -1,6 +1,6 @@
 """Benchmark S3's paper protocol on real pretrained towers and real images (fashion:entailment).
 
-    python benchmarks/bench_s3_real.py                     # 3 seeds, chi in {2, 8}; ~10 min on 2 busy cores
+    python benchmarks/bench_s3_real.py                     # 3 seeds, chi in {2, 8}; ~13 min on 2 busy cores
     python benchmarks/bench_s3_real.py --skip-concepts     # without the concepts design's pruning sweep
 
 The frozen towers are the first 4 blocks of CLIP ViT-B/16's image tower at 64 px (position embeddings interpolated)
