@@ -242,6 +242,29 @@ def test_self_supervised_stage_trains_without_labels():
         assert model(**batch).get("ssl_loss") is None  # evaluation never draws augmented views
 
 
+
+def test_standalone_concepts_core_resolves_a_default_ssl_weight_and_trains():
+    """A core built from a bare config (ssl_loss_weight None, no adapter to resolve it) trains: 1.0 without a head,
+    0.0 with one, as an attached adapter resolves it."""
+    from mmexperts.s3 import S3Core
+
+    torch.manual_seed(0)
+    config = S3Config(design="concepts", num_experts=2, latent_dim=8)
+    assert config.ssl_loss_weight is None
+    tokens, mask, experts = torch.randn(4, 5, 8), torch.ones(4, 5, dtype=torch.bool), torch.ones(2, dtype=torch.bool)
+    for num_labels, weight in ((0, 1.0), (2, 0.0)):
+        core = S3Core(config, num_labels).train()
+        assert core.ssl_loss_weight == weight
+        out = core(tokens, mask, experts)
+        assert (out.ssl_loss is not None) == (weight > 0)
+        loss = out.aux_loss + (weight * out.ssl_loss if out.ssl_loss is not None else 0)
+        if out.logits is not None:
+            loss = loss + out.logits.logsumexp(-1).mean()
+        loss.backward()
+        trained = core.experts.w1 if weight else core.head_weight  # zero-init heads pass no gradient to the experts
+        assert torch.isfinite(loss) and trained.grad.abs().sum() > 0
+    assert config.ssl_loss_weight is None  # the core reads a default; it does not write one into the shared config
+
 def test_sparsity_sweep_writes_csv_and_plots(tmp_path):
     config = SweepConfig(num_train=64, num_eval=32, sparsities="0,0.5", seeds="0", num_experts=4, latent_dim=8,
                          hidden_size=8, epochs=1, finetune_epochs=1, batch_size=32, criterion="gate_mass",

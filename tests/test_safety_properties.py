@@ -82,8 +82,24 @@ def Choice(*choices):
 
 SHARED = {"vision_hidden_size": Int(1, optional=True), "text_hidden_size": Int(1, optional=True)}
 PROBABILITY = Float(0, 1, high_open=True)
-RULES = {
-    MoPEConfig: {
+# S3 validates every field in both designs (a field of the other design is checked, then unused); what differs by
+# design are the rules across fields, in cross_field_error.
+S3_RULES = {
+    **SHARED, "design": Choice("paper", "concepts"), "num_experts": Int(1), "latent_dim": Int(1),
+    "expert_hidden_dim": Int(1, optional=True), "expert_dim": Int(1, optional=True), "top_k": Int(1, optional=True),
+    "num_tasks": Int(1), "task_embedding_dim": Int(1), "num_labels": Int(0, optional=True), "token_layer": Int(),
+    "num_layers": Int(1), "num_heads": Int(1), "keep_ratio": Float(0, 1, low_open=True),
+    "stage": Choice("specialization", "selection"), "assignment_temperature": Float(0, low_open=True),
+    "router_temperature": Float(0, low_open=True), "ssl_temperature": Float(0, low_open=True),
+    "router_noise_std": Float(0), "diversity_loss_weight": Float(0), "balance_loss_weight": Float(0),
+    "sharpness_loss_weight": Float(0), "load_balance_loss_weight": Float(0), "z_loss_weight": Float(0),
+    "ssl_loss_weight": Float(0, optional=True), "ssl_noise_std": Float(0), "rep_loss_weight": Float(0),
+    "dsc_loss_weight": Float(0), "supcon_loss_weight": Float(0), "compactness_loss_weight": Float(0),
+    "dropout": PROBABILITY, "ssl_token_drop": PROBABILITY, "head_input": Choice("concat", "sum"),
+    "dispatch": Choice(*DISPATCH_MODES),
+}
+RULES = {  # per method: S3 has a row per design
+    "mope": {
         **SHARED, "prompted_tower": Choice("vision", "text"), "prompt_mode": Choice("tokens", "prefix"),
         "num_experts": Int(0), "prompt_length": Int(1), "static_prompt_length": Int(0),
         "mapped_prompt_length": Int(0), "complementary_prompt_length": Int(0), "mapper_hidden_size": Int(0),
@@ -91,18 +107,9 @@ RULES = {
         "router_noise_std": Float(0), "importance_loss_weight": Float(0), "importance_threshold": Float(0),
         "prompt_dropout": PROBABILITY,
     },
-    S3Config: {
-        **SHARED, "num_experts": Int(1), "latent_dim": Int(1), "expert_hidden_dim": Int(1, optional=True),
-        "expert_dim": Int(1, optional=True), "top_k": Int(1, optional=True), "num_tasks": Int(1),
-        "task_embedding_dim": Int(1), "num_labels": Int(0, optional=True), "token_layer": Int(),
-        "assignment_temperature": Float(0, low_open=True), "router_temperature": Float(0, low_open=True),
-        "ssl_temperature": Float(0, low_open=True), "router_noise_std": Float(0), "diversity_loss_weight": Float(0),
-        "balance_loss_weight": Float(0), "sharpness_loss_weight": Float(0), "load_balance_loss_weight": Float(0),
-        "z_loss_weight": Float(0), "ssl_loss_weight": Float(0, optional=True), "ssl_noise_std": Float(0),
-        "dropout": PROBABILITY, "ssl_token_drop": PROBABILITY, "head_input": Choice("concat", "sum"),
-        "dispatch": Choice(*DISPATCH_MODES),
-    },
-    AltMoEConfig: {
+    "s3": S3_RULES,
+    "s3_concepts": S3_RULES,
+    "altmoe": {
         **SHARED, "num_experts": Int(1), "top_k": Int(1), "hidden_size": Int(1),
         "expert_hidden_size": Int(1, optional=True), "dropout": PROBABILITY, "router_noise_std": Float(0),
         "temperature": Float(0, low_open=True), "alpha": Float(0, 1), "load_balance_loss_weight": Float(0),
@@ -113,28 +120,41 @@ RULES = {
 
 
 def cross_field_error(cls, kwargs: dict) -> str | None:
-    """The field a rule across fields blames, given fields that are each valid on their own."""
+    """The field a rule across fields blames, given fields that are each valid on their own (first rule first)."""
     get = lambda name: kwargs.get(name, next(f.default for f in fields(cls) if f.name == name))  # noqa: E731
     if cls is MoPEConfig:
         if get("num_experts") == 0 and not (get("static_prompt_length") or get("mapped_prompt_length")):
             return "num_experts"
         if get("num_experts") and get("router_self_dim") + get("router_cross_dim") < 1:
             return "router_self_dim"
-    elif get("top_k") is not None and get("top_k") > get("num_experts"):
+        return None
+    # S3 paper design: top_k None means min(2, num_experts), which always fits
+    if get("top_k") is not None and get("top_k") > get("num_experts"):
         return "top_k"
+    if cls is S3Config and get("design") == "paper":
+        if get("latent_dim") % get("num_heads"):  # each attention head gets latent_dim / num_heads channels
+            return "num_heads"
+        if get("num_tasks") != 1:  # one task: the linear probe
+            return "num_tasks"
+    elif cls is S3Config:  # concepts: sparsifies through its expert mask and has no stages
+        if get("keep_ratio") != 1:
+            return "keep_ratio"
+        if get("stage") != "specialization":
+            return "stage"
     return None
 
 
-def expected_error(cls, kwargs: dict, changed: str | None) -> str | None:
+def expected_error(method: str, kwargs: dict, changed: str | None) -> str | None:
     """The field a ConfigError must name for ``kwargs`` (a valid base with at most ``changed`` altered), or None."""
-    if changed is not None and not RULES[cls][changed].accepts(kwargs[changed]):
+    if changed is not None and not RULES[method][changed].accepts(kwargs[changed]):
         return changed
-    return cross_field_error(cls, kwargs)
+    return cross_field_error(METHODS[method][0], kwargs)
 
 
-def check_config(cls, kwargs: dict, changed: str | None) -> None:
+def check_config(method: str, kwargs: dict, changed: str | None) -> None:
     """Valid kwargs construct; invalid ones raise a ConfigError whose field and message name the bad field."""
-    field = expected_error(cls, kwargs, changed)
+    cls = METHODS[method][0]
+    field = expected_error(method, kwargs, changed)
     if field is None:
         cls(**kwargs)
         return
@@ -172,9 +192,29 @@ def mope_kwargs(draw) -> dict:
 
 @st.composite
 def s3_kwargs(draw) -> dict:
+    """The paper design; the concepts design's own fields stay at their defaults."""
+    num_experts, num_heads = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    return dict(
+        design="paper", num_experts=num_experts, top_k=draw(st.none() | st.integers(1, num_experts)),
+        num_heads=num_heads, latent_dim=num_heads * draw(st.integers(1, 4)), num_layers=draw(st.integers(1, 2)),
+        expert_hidden_dim=draw(st.none() | st.integers(1, 16)), keep_ratio=draw(st.just(1.0) | unit(0.01, 1.0)),
+        stage=draw(st.sampled_from(("specialization", "selection"))),
+        num_labels=draw(st.sampled_from((None, 0, 1, 2, 3, 5))), token_layer=draw(st.integers(-BLOCKS, BLOCKS - 1)),
+        dispatch=draw(st.sampled_from(DISPATCH_MODES)), dropout=draw(unit(0, 0.5)),
+        router_temperature=draw(unit(0.1, 2.0)), router_noise_std=draw(unit(0, 0.1)),
+        load_balance_loss_weight=draw(unit()), z_loss_weight=draw(unit()), rep_loss_weight=draw(unit()),
+        dsc_loss_weight=draw(unit()), supcon_loss_weight=draw(unit()), compactness_loss_weight=draw(unit()),
+        ssl_temperature=draw(unit(0.05, 1.0)), ssl_token_drop=draw(unit(0, 0.9)), ssl_noise_std=draw(unit(0, 0.5)),
+        init_weights=draw(st.booleans()),
+    )
+
+
+@st.composite
+def s3_concepts_kwargs(draw) -> dict:
+    """The concepts design; the paper design's own fields stay at their defaults."""
     num_experts = draw(st.integers(1, 4))
     return dict(
-        num_experts=num_experts, latent_dim=draw(st.integers(4, 16)),
+        design="concepts", num_experts=num_experts, latent_dim=draw(st.integers(4, 16)),
         expert_hidden_dim=draw(st.none() | st.integers(1, 16)), expert_dim=draw(st.none() | st.integers(1, 16)),
         top_k=draw(st.none() | st.integers(1, num_experts)), num_tasks=draw(st.integers(1, 3)),
         task_embedding_dim=draw(st.integers(1, 8)), num_labels=draw(st.sampled_from((None, 0, 1, 2, 3, 5))),
@@ -203,11 +243,12 @@ def altmoe_kwargs(draw) -> dict:
 
 
 METHODS = {"mope": (MoPEConfig, mope_kwargs()), "s3": (S3Config, s3_kwargs()),
-           "altmoe": (AltMoEConfig, altmoe_kwargs())}
+           "s3_concepts": (S3Config, s3_concepts_kwargs()), "altmoe": (AltMoEConfig, altmoe_kwargs())}
 SMALL = {  # one fixed valid base per method (top_k=1 < num_experts so both bounds of top_k are reachable)
     "mope": dict(num_experts=2, prompt_length=1, static_prompt_length=1, mapped_prompt_length=1,
                  complementary_prompt_length=1, mapper_hidden_size=8, router_self_dim=1, router_cross_dim=1),
-    "s3": dict(num_experts=2, latent_dim=8, top_k=1),
+    "s3": dict(design="paper", num_experts=2, latent_dim=8, top_k=1, num_heads=2),
+    "s3_concepts": dict(design="concepts", num_experts=2, latent_dim=8, top_k=1),
     "altmoe": dict(num_experts=2, top_k=1, hidden_size=8),
 }
 
@@ -232,29 +273,27 @@ def short(value) -> str:
 def test_rules_cover_every_number_field(method):
     cls = METHODS[method][0]
     numbers = {f.name for f in fields(cls) if str(f.type).split(" ")[0] in ("int", "float")}
-    assert numbers <= set(RULES[cls]), f"fields without a rule here: {sorted(numbers - set(RULES[cls]))}"
+    assert numbers <= set(RULES[method]), f"fields without a rule here: {sorted(numbers - set(RULES[method]))}"
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 @CONFIGS
 @given(data=st.data())
 def test_config_accepts_valid_values_and_names_the_invalid_field(method, data):
-    cls, base = METHODS[method]
-    kwargs = data.draw(base, label="base")
-    check_config(cls, kwargs, None)
-    changed = data.draw(st.sampled_from(sorted(RULES[cls])), label="changed")
-    for values in (st.sampled_from(SPECIAL_VALUES), random_values(RULES[cls][changed])):
-        check_config(cls, {**kwargs, changed: data.draw(values, label=changed)}, changed)
+    kwargs = data.draw(METHODS[method][1], label="base")
+    check_config(method, kwargs, None)
+    changed = data.draw(st.sampled_from(sorted(RULES[method])), label="changed")
+    for values in (st.sampled_from(SPECIAL_VALUES), random_values(RULES[method][changed])):
+        check_config(method, {**kwargs, changed: data.draw(values, label=changed)}, changed)
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_field_against_every_special_value(method):
-    cls = METHODS[method][0]
     failures = []
-    for name in RULES[cls]:
+    for name in RULES[method]:
         for value in SPECIAL_VALUES:
             try:
-                check_config(cls, {**SMALL[method], name: value}, name)
+                check_config(method, {**SMALL[method], name: value}, name)
             except (Exception, pytest.fail.Exception) as error:  # collect every failure, report them together
                 failures.append(f"{name}={short(value)}: {type(error).__name__}: {str(error).splitlines()[0][:120]}")
     assert not failures, f"{len(failures)} failures:\n" + "\n".join(failures)
@@ -334,7 +373,37 @@ def test_mope_forward_and_backward(kwargs, shape):
 
 @FORWARD
 @given(kwargs=s3_kwargs(), shape=batches())
+@example(kwargs=dict(design="paper", num_experts=2, top_k=None, num_heads=2, latent_dim=2, num_layers=2,
+                     keep_ratio=5e-324, stage="selection", num_labels=None, ssl_token_drop=0.9),
+         shape={"lengths": [1], "length": 1, "left_padding": False, "seed": 0})  # keeps almost nothing, one token
 def test_s3_forward_and_backward(kwargs, shape):
+    batch = make_inputs(shape)
+    model = adapted("classifier", S3Config(**kwargs)).eval()
+    size, length = batch["input_ids"].shape
+    classes = kwargs["num_labels"] or 3  # None: the base's 3 labels, read by S3's probe; 0: no probe, the base's logits
+    experts, width, layers = kwargs["num_experts"], kwargs["latent_dim"], kwargs["num_layers"]
+    with torch.no_grad():
+        out = model(**batch)
+    assert out.logits.shape == (size, classes)
+    assert out.fused_embeds.shape == (size, 2 * width)
+    assert out.modality_embeds.shape == (size, 2, width)
+    assert out.routing_weights.shape == (2 * layers, size, experts)
+    assert out.token_routing_weights.shape == (layers, size, PATCH_TOKENS + length, experts)
+    assert_finite(out.logits, out.fused_embeds, out.modality_embeds, out.routing_weights, out.token_routing_weights)
+    top_k = kwargs["top_k"] or min(2, experts)
+    assert ((out.token_routing_weights > 0).sum(-1) <= top_k).all()  # keep_ratio only drops (token, expert) pairs
+    model.train()
+    labels = torch.randint(0, classes, (size,)).index_fill_(0, torch.tensor([0]), classes - 1)
+    out = model(**batch, labels=labels)
+    stage_losses = ("rep_loss", "dsc_loss") if kwargs["stage"] == "specialization" else ("supcon_loss",
+                                                                                        "compactness_loss")
+    assert_finite(*(out[name] for name in stage_losses))
+    backward_with_finite_grads(model, out.loss)
+
+
+@FORWARD
+@given(kwargs=s3_concepts_kwargs(), shape=batches())
+def test_s3_concepts_forward_and_backward(kwargs, shape):
     batch = make_inputs(shape)
     model = adapted("classifier", S3Config(**kwargs)).eval()
     size, length = batch["input_ids"].shape
@@ -391,10 +460,13 @@ def test_altmoe_refuses_mismatched_batch_sizes(images, texts):
 SIZE_FIELDS = {
     "mope": ("num_experts", "prompt_length", "static_prompt_length", "mapped_prompt_length",
              "complementary_prompt_length", "mapper_hidden_size", "router_self_dim", "router_cross_dim"),
-    "s3": ("num_experts", "latent_dim", "expert_hidden_dim", "expert_dim", "num_tasks", "task_embedding_dim"),
+    "s3": ("num_experts", "latent_dim", "expert_hidden_dim", "num_layers", "num_labels"),
+    "s3_concepts": ("num_experts", "latent_dim", "expert_hidden_dim", "expert_dim", "num_tasks", "task_embedding_dim",
+                    "num_labels"),
     "altmoe": ("num_experts", "hidden_size", "expert_hidden_size"),
 }
-KINDS = {"mope": "classifier", "s3": "classifier", "altmoe": "dual_encoder"}
+KINDS = {"mope": "classifier", "s3": "classifier", "s3_concepts": "classifier", "altmoe": "dual_encoder"}
+PREFIXES = {"mope": "mope_", "s3": "s3_", "s3_concepts": "s3_", "altmoe": "altmoe_"}
 
 
 def assert_refused_before_allocating(method: str, name: str, value: int):
@@ -403,7 +475,7 @@ def assert_refused_before_allocating(method: str, name: str, value: int):
     with pytest.raises(ConfigError) as info:
         peft.get_peft_model(base, cls(**{**SMALL[method], name: value}))
     assert name in str(info.value), str(info.value)
-    assert not any(f"{method}_" in n for n, _ in base.named_parameters())  # nothing was injected
+    assert not any(PREFIXES[method] in n for n, _ in base.named_parameters())  # nothing was injected
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
@@ -419,10 +491,11 @@ def test_any_oversized_field_is_refused_and_named(method, name):
 
 
 # ---- fields checked against the model at injection --------------------------------------------------------------
+@pytest.mark.parametrize("method", ["s3", "s3_concepts"])
 @settings(max_examples=6, deadline=None, derandomize=True)
 @given(token_layer=st.integers(-2 * BLOCKS, 2 * BLOCKS))
-def test_s3_token_layer_outside_the_towers_is_a_config_error(token_layer):
-    config = S3Config(**SMALL["s3"], token_layer=token_layer)
+def test_s3_token_layer_outside_the_towers_is_a_config_error(method, token_layer):
+    config = S3Config(**SMALL[method], token_layer=token_layer)
     if -BLOCKS <= token_layer < BLOCKS:
         adapted("classifier", config)
         return

@@ -67,6 +67,14 @@ class S3Core(nn.Module):
                 nn.init.normal_(self.head_bias, std=0.02)
         self.dropout = nn.Dropout(config.dropout)
 
+    @property
+    def ssl_loss_weight(self) -> float:
+        """The config's ``ssl_loss_weight``; None (an adapter resolves it when it attaches) resolves by the same rule
+        for a standalone core: 1.0 without a head (the self-supervised loss is what trains the experts), else 0.0."""
+        if self.config.ssl_loss_weight is not None:
+            return self.config.ssl_loss_weight
+        return 0.0 if self.num_labels else 1.0
+
     def check_task_ids(self, task_ids: torch.Tensor | None, batch: int, device) -> torch.Tensor:
         """Task ids of a call as a (batch,) long tensor; defaults to task 0 for single-task adapters."""
         num_tasks = self.config.num_tasks
@@ -130,7 +138,7 @@ class S3Core(nn.Module):
                    "z": config.z_loss_weight}
         aux = sum(weights[name] * value for name, value in aux_losses.items())
         ssl = None
-        if self.training and config.ssl_loss_weight > 0:
+        if self.training and self.ssl_loss_weight > 0:
             ssl = self.ssl_loss(tokens, mask, expert_mask)
         return S3Output(concepts, gated.sum(1), gates, routed.logits, assignments, aux, aux_losses, logits, ssl)
 
