@@ -12,9 +12,11 @@ is scored on the test split; torch runs on one thread (busy cores make more thre
 per garment class.
 
 Tables
-  baselines  image-only and text-only linear probes and late fusion (MLP) on frozen pooled features; plain deep
+  baselines  image-only and text-only linear probes and late fusion (MLP; 100 epochs on the cached features, and
+             the same epochs as the others) on frozen pooled features; plain deep
              prompts (VPT-deep, same prompt tokens, no conditioning); MoPE without experts (static + mapped prompts);
-             MoPE; LoRA on both towers and full fine-tuning (both with the late-fusion MLP head).
+             MoPE; LoRA on both towers and full fine-tuning (both with the late-fusion MLP head, behind a layer
+             norm).
   scaling    MoPE expert scaling (K in 1, 2, 4, 8 at l=6) against prompt-length scaling (l in 6, 12, 24, 48 at K=1).
 """
 
@@ -55,7 +57,8 @@ PROMPT_TOKENS = 13  # MoPE's vision prompt per block: 6 static + 6 routed + 1 ma
 BASELINES = {
     "image probe": {"kind": "probe", "modality": "vision"},
     "text probe": {"kind": "probe", "modality": "text"},
-    "late fusion (MLP)": {"kind": "late_fusion"},
+    "late fusion (MLP)": {"kind": "late_fusion", "epochs": 100},
+    "late fusion (MLP), same epochs": {"kind": "late_fusion"},
     "deep prompts": {"kind": "mope", "config": {"num_experts": 0, "static_prompt_length": PROMPT_TOKENS,
                                                  "mapped_prompt_length": 0}},
     "MoPE, no experts": {"kind": "mope", "config": {"num_experts": 0}},
@@ -122,9 +125,10 @@ def tower_parameters(model: VisionTextModelForClassification) -> int:
 
 
 def fusion_head(model: VisionTextModelForClassification, hidden: int = 256) -> None:
-    """Late fusion's head: an MLP on the concatenated pooled features (a linear head cannot model the interaction)."""
+    """Late fusion's head: an MLP on the concatenated pooled features (a linear head cannot model the interaction),
+    behind a layer norm (the frozen late fusion standardises its features; the two towers' scales differ)."""
     width = model.classifier.in_features
-    model.classifier = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, 2))
+    model.classifier = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, 2))
 
 
 def build(spec: dict, paths, args) -> tuple[nn.Module, list[dict]]:
@@ -197,7 +201,7 @@ def run_frozen(spec: dict, features: dict, seed: int, args) -> dict:
         head = nn.Sequential(nn.Linear(joined.shape[1], 256), nn.GELU(), nn.Linear(256, 2))
         optimizer = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=1e-3)
         generator = torch.Generator().manual_seed(seed)
-        for _ in range(100):
+        for _ in range(spec.get("epochs", args.epochs)):
             for index in torch.randperm(len(joined), generator=generator).split(args.batch_size):
                 loss = nn.functional.cross_entropy(head((joined[index] - mean) / std), train_y[index])
                 loss.backward()
