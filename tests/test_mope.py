@@ -236,9 +236,9 @@ def test_head_reads_the_mean_token_with_the_prompts(tower, classifier_input):
     the last block's prompts and the real tokens, each through the tower's final norm; 'summary' its own summary."""
     read = tower if classifier_input == "prompted" else "concat"
     base = make_classifier(classifier_input=read)
-    model = peft.get_peft_model(base, MoPEConfig(prompted_tower=tower, init_weights=False))
+    model = peft.get_peft_model(base, MoPEConfig(prompted_tower=tower, init_weights=False, head_pooling="mean"))
     model.eval()
-    assert model.peft_config["default"].head_pooling == "mean"
+    assert MoPEConfig(prompted_tower=tower).head_pooling == ("mean" if tower == "vision" else "summary")
     batch = make_batch(with_labels=False)
     prompted = base.vision_model if tower == "vision" else base.text_model
     last = model.base_model.towers[tower].blocks[-1]
