@@ -34,7 +34,7 @@ from transformers import (
 import mmexperts  # noqa: F401  (registers the PEFT types)
 from mmexperts import VisionTextModelForClassification
 from mmexperts.data.synthetic import build_tokenizer
-from mmexperts.training import TrainConfig
+from mmexperts.training import TrainConfig, Trainer, train
 
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
 
@@ -209,3 +209,18 @@ def train_on_two_cpu_processes(tmp_path, vision: str, text: str, *args: str) -> 
     for key in ranks[0]:
         torch.testing.assert_close(ranks[0][key], ranks[1][key], rtol=0, atol=0)
     return load_file(tmp_path / "run" / "rank_0_initial.safetensors"), ranks[0]
+
+
+def train_interrupted(config: TrainConfig, monkeypatch, step: int = 4) -> None:
+    """Train until ``step`` is done, then stop as an interrupted run would (KeyboardInterrupt)."""
+    original = Trainer.on_step_end
+
+    def stop_after_step(self, loss):
+        original(self, loss)
+        if self.state.step == step:
+            raise KeyboardInterrupt("simulated interruption")
+
+    monkeypatch.setattr(Trainer, "on_step_end", stop_after_step)
+    with pytest.raises(KeyboardInterrupt):
+        train(config)
+    monkeypatch.setattr(Trainer, "on_step_end", original)

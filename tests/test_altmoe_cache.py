@@ -15,7 +15,7 @@ from mmexperts.errors import CorruptFileError
 from mmexperts.training import Trainer, train
 from mmexperts.training.features import CaptionPairs
 
-from conftest import adapter_weights, tiny_config
+from conftest import adapter_weights, tiny_config, train_interrupted
 
 ALTMOE = dict(method="altmoe", dataset="synthetic:retrieval",
               method_config={"num_experts": 4, "top_k": 2, "hidden_size": 16, "init_weights": False, "dropout": 0.0})
@@ -121,17 +121,7 @@ def test_an_epoch_uses_every_caption_of_every_image(backbones, tmp_path):
 
 def test_interrupted_cached_run_resumes_to_the_same_weights(backbones, tmp_path, monkeypatch):
     train(tiny_config(backbones, tmp_path / "straight", **ALTMOE))
-    original = Trainer.on_step_end
-
-    def crash_after_step_4(self, loss):
-        original(self, loss)
-        if self.state.step == 4:
-            raise KeyboardInterrupt("simulated interruption")
-
-    monkeypatch.setattr(Trainer, "on_step_end", crash_after_step_4)
-    with pytest.raises(KeyboardInterrupt):
-        train(tiny_config(backbones, tmp_path / "resumed", **ALTMOE))
-    monkeypatch.setattr(Trainer, "on_step_end", original)
+    train_interrupted(tiny_config(backbones, tmp_path / "resumed", **ALTMOE), monkeypatch)
     train(tiny_config(backbones, tmp_path / "resumed", resume_from_checkpoint="latest", **ALTMOE))
     straight = adapter_weights(tmp_path / "straight" / "adapter")
     resumed = adapter_weights(tmp_path / "resumed" / "adapter")

@@ -16,7 +16,7 @@ from mmexperts import VisionTextModelForClassification
 from mmexperts.errors import CheckpointError
 from mmexperts.training import TrainConfig, Trainer, list_checkpoints, parse_config, train
 
-from conftest import ROOT, adapter_weights, launch_env, tiny_config, train_on_two_cpu_processes
+from conftest import ROOT, adapter_weights, launch_env, tiny_config, train_interrupted, train_on_two_cpu_processes
 
 
 def test_recipe_trains_evaluates_and_writes_everything(backbones, tmp_path, capsys):
@@ -37,18 +37,7 @@ def test_recipe_trains_evaluates_and_writes_everything(backbones, tmp_path, caps
 
 def test_interrupted_run_resumes_to_the_same_weights(backbones, tmp_path, monkeypatch):
     train(tiny_config(backbones, tmp_path / "straight"))
-
-    original = Trainer.on_step_end
-
-    def crash_after_step_4(self, loss):
-        original(self, loss)
-        if self.state.step == 4:
-            raise KeyboardInterrupt("simulated interruption")
-
-    monkeypatch.setattr(Trainer, "on_step_end", crash_after_step_4)
-    with pytest.raises(KeyboardInterrupt):
-        train(tiny_config(backbones, tmp_path / "resumed"))
-    monkeypatch.setattr(Trainer, "on_step_end", original)
+    train_interrupted(tiny_config(backbones, tmp_path / "resumed"), monkeypatch)
     assert [p.name for p in list_checkpoints(tmp_path / "resumed" / "checkpoints")] == ["step_3"]
     train(tiny_config(backbones, tmp_path / "resumed", resume_from_checkpoint="latest"))
 
