@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import platform
 import sys
 import time
 from pathlib import Path
@@ -40,7 +39,7 @@ from mmexperts.offline.real_towers import real_towers
 from mmexperts.s3.sweep import SweepConfig, evaluate, fit, prune_and_finetune
 from mmexperts.towers import masked_mean
 
-from harness import cpu_name, git_commit
+from harness import run_footer
 from s3_protocol import features, plot, probe_accuracy, summarize, sweep_table, three_stages
 
 HERE = Path(__file__).resolve().parent
@@ -279,8 +278,7 @@ def markdown(args, summary: list[dict], seconds: float, command: str, encode_sec
                   "fine-tune epochs; test accuracy of its own head:", "",
                   "| experts pruned | test accuracy |", "| --- | --- |"]
         lines += [f"| {1 - r['keep_ratio']:.2f} | {r['mean']:.4f} ± {r['std']:.4f} |" for r in reversed(concepts)]
-    lines += ["", f"{seconds:.0f} s on {cpu_name()} ({torch.get_num_threads()} threads), torch {torch.__version__}, "
-              f"Python {platform.python_version()}, commit {git_commit(HERE)}."]
+    lines += ["", run_footer(seconds, HERE)]
     return "\n".join(lines) + "\n"
 
 

@@ -22,7 +22,6 @@ import argparse
 import contextlib
 import csv
 import io
-import platform
 import sys
 import tempfile
 import time
@@ -35,7 +34,7 @@ from mmexperts import FeatureEncoderConfig, FeatureEncoderForClassification, S3C
 from mmexperts.data.loading import load_task
 from mmexperts.s3.sweep import feature_loader
 
-from harness import cpu_name, git_commit
+from harness import run_footer
 from s3_protocol import plot, probe_accuracy, summarize, sweep_table, three_stages
 
 HERE = Path(__file__).resolve().parent
@@ -128,8 +127,7 @@ def markdown(args, summary: list[dict], concepts: list[dict] | None, seconds: fl
                   "3 fine-tune epochs; test accuracy:", "",
                   "| sparsity (experts pruned) | test accuracy |", "| --- | --- |"]
         lines += [f"| {row['sparsity']:.2f} | {row['mean']:.4f} ± {row['std']:.4f} |" for row in concepts]
-    lines += ["", f"{seconds:.0f} s on {cpu_name()} ({torch.get_num_threads()} threads), torch {torch.__version__}, "
-              f"Python {platform.python_version()}, commit {git_commit(HERE)}."]
+    lines += ["", run_footer(seconds, HERE)]
     return "\n".join(lines) + "\n"
 
 

@@ -48,3 +48,11 @@ def reset_peak() -> bool:
         return True
     except OSError:
         return False
+
+
+def run_footer(seconds: float, folder: Path) -> str:
+    """One line: how long a run took, on what machine, torch threads and versions, at which commit."""
+    import torch
+
+    return (f"{seconds:.0f} s on {cpu_name()} ({torch.get_num_threads()} threads), torch {torch.__version__}, "
+            f"Python {platform.python_version()}, commit {git_commit(folder)}.")
