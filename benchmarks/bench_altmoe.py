@@ -40,9 +40,9 @@ from transformers import AutoImageProcessor, AutoTokenizer, VisionTextDualEncode
 import mmexperts
 from mmexperts import AltMoEConfig, VectorStore, retrieval_recall
 from mmexperts.altmoe.features import CachedFeatures, FeatureConnector, cache_features
-from mmexperts.data.backbones import pretrained_backbones
 from mmexperts.data.collate import MultimodalCollator
 from mmexperts.data.loading import load_task
+from mmexperts.offline.backbones import pretrained_backbones
 from mmexperts.training.alternating import DirectionSchedule
 
 HERE = Path(__file__).resolve().parent

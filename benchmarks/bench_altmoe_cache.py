@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 import mmexperts
-from mmexperts.data.backbones import pretrained_backbones
+from mmexperts.offline.backbones import pretrained_backbones
 from mmexperts.offline.real_towers import real_towers
 from mmexperts.training import TrainConfig, Trainer
 

@@ -9,7 +9,8 @@ synthetic factor data (accuracy against sparsity, mean over seeds).
 backward (train), with 0..7 experts pruned through the expert mask. Every pruning level runs once per round, in an
 order that rotates each round; medians over rounds. The ideal is the fraction of active experts (the assignment over
 all K keys and the heads stay, so the measured time falls a little less than that).
-(b) ``mmexperts.s3.sweep.sparsity_sweep`` with ``SweepConfig`` defaults (see ``recipes/configs/s3_factors_sweep.yaml``:
+(b) ``mmexperts.training.sweep.sparsity_sweep`` with ``SweepConfig`` defaults
+(see ``recipes/configs/s3_factors_sweep.yaml``:
 modality b's nuisance factors are spuriously correlated with the label in train only, ``--spurious-strength 0`` turns
 that off): per seed, train the adapter once, then for each sparsity restore it, prune progressively by leave-one-out
 validation loss, fine-tune router and heads, and score the test split. Results: stdout,
@@ -29,7 +30,7 @@ import torch
 
 from mmexperts import S3Config
 from mmexperts.s3 import S3Core
-from mmexperts.s3.sweep import SweepConfig, sparsity_sweep
+from mmexperts.training.sweep import SweepConfig, sparsity_sweep
 
 HERE = Path(__file__).resolve().parent
 

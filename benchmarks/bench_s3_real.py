@@ -36,8 +36,8 @@ from mmexperts import FeatureEncoderConfig, FeatureEncoderForClassification, S3C
 from mmexperts.data.collate import MultimodalCollator
 from mmexperts.data.loading import load_task
 from mmexperts.offline.real_towers import real_towers
-from mmexperts.s3.sweep import SweepConfig, evaluate, fit, prune_and_finetune
 from mmexperts.towers import masked_mean
+from mmexperts.training.sweep import SweepConfig, evaluate, fit, prune_and_finetune
 
 from harness import run_footer
 from s3_protocol import features, plot, probe_accuracy, summarize, sweep_table, three_stages

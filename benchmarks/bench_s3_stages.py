@@ -11,7 +11,7 @@ modalities), a frozen random feature-encoder pair, and an S3 adapter (``S3Config
 in turn, extracts ``fused_embeds`` for train and test (eval batches of ``--eval-batch-size``: the top-p pairs are
 chosen per batch) and fits a linear probe (``training.probes.fit_linear_probe``) on train, scored on test. The same
 keep-ratio sweep also runs on the model after stage 1 alone, and the frozen towers' pooled features give a baseline.
-Beside it, a small ``mmexperts.s3.sweep.sparsity_sweep`` of the concepts design (its own data and protocol: a
+Beside it, a small ``mmexperts.training.sweep.sparsity_sweep`` of the concepts design (its own data and protocol: a
 train-only nuisance shortcut, supervised heads, gate-mass expert pruning, router + head fine-tune).
 Results: stdout, ``benchmarks/results/bench_s3_stages.{csv,md,png}``.
 """
@@ -32,7 +32,7 @@ import torch
 
 from mmexperts import FeatureEncoderConfig, FeatureEncoderForClassification, S3Config
 from mmexperts.data.loading import load_task
-from mmexperts.s3.sweep import feature_loader
+from mmexperts.training.sweep import feature_loader
 
 from harness import run_footer
 from s3_protocol import plot, probe_accuracy, summarize, sweep_table, three_stages
@@ -97,7 +97,7 @@ def run_seed(args: argparse.Namespace, seed: int, ratios: list[float]) -> list[d
 
 def concept_sweep(args: argparse.Namespace) -> list[dict]:
     """The concept design's expert-pruning sweep (its own protocol: supervised heads, utility pruning, fine-tune)."""
-    from mmexperts.s3.sweep import SweepConfig, sparsity_sweep
+    from mmexperts.training.sweep import SweepConfig, sparsity_sweep
 
     with tempfile.TemporaryDirectory() as folder, contextlib.redirect_stdout(io.StringIO()), \
             contextlib.redirect_stderr(io.StringIO()):  # the sweep's own progress report

@@ -242,7 +242,7 @@ def build_backbones(folder: Path) -> tuple[str, str]:
     import torch
     from transformers import BertConfig, BertModel, ViTConfig, ViTImageProcessor, ViTModel
 
-    from mmexperts.data.synthetic import build_tokenizer
+    from mmexperts.offline.synthetic import build_tokenizer
 
     torch.manual_seed(0)
     ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,

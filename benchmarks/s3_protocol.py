@@ -10,8 +10,8 @@ import numpy as np
 import peft
 import torch
 
-from mmexperts.s3.sweep import fit, only_trainable
 from mmexperts.training.probes import fit_linear_probe
+from mmexperts.training.sweep import fit, only_trainable
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ import yaml
 from transformers import HfArgumentParser
 
 from mmexperts.errors import ConfigError, MMExpertsError
-from mmexperts.s3.sweep import SweepConfig, sparsity_sweep
+from mmexperts.training.sweep import SweepConfig, sparsity_sweep
 
 # Errors a user fixes by changing the command line, the data or the output folder (not bugs): one line, no traceback.
 USER_ERRORS = (MMExpertsError, FileNotFoundError, NotADirectoryError, ConnectionError)

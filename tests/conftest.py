@@ -33,7 +33,7 @@ from transformers import (
 
 import mmexperts  # noqa: F401  (registers the PEFT types)
 from mmexperts import VisionTextModelForClassification
-from mmexperts.data.synthetic import build_tokenizer
+from mmexperts.offline.synthetic import build_tokenizer
 from mmexperts.training import TrainConfig, Trainer, train
 
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")

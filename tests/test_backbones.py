@@ -11,9 +11,9 @@ import pytest
 import torch
 from transformers import AutoImageProcessor, AutoModel, AutoTokenizer, BertModel, ViTModel
 
-from mmexperts.data import backbones as module
-from mmexperts.data.backbones import RECIPE_VERSION, PretrainedBackbones, default_cache_dir, pretrained_backbones
-from mmexperts.data.synthetic import make_scenes
+from mmexperts.offline import backbones as module
+from mmexperts.offline.backbones import RECIPE_VERSION, PretrainedBackbones, default_cache_dir, pretrained_backbones
+from mmexperts.offline.synthetic import make_scenes
 
 STEPS = dict(vision_steps=3, text_steps=3, show_progress=False)
 

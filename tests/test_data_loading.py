@@ -18,7 +18,7 @@ from transformers import ViTImageProcessor
 
 from mmexperts.data.collate import MultimodalCollator
 from mmexperts.data.loading import BAD_ROW_REASONS, KNOWN_DATASETS, TASK_TYPES, DataReport, load_task
-from mmexperts.data.synthetic import ENTAILMENT_LABELS, MULTILABEL_NAMES, build_tokenizer
+from mmexperts.offline.synthetic import ENTAILMENT_LABELS, MULTILABEL_NAMES, build_tokenizer
 
 LABELS = ["cat", "dog", "bird"]
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from mmexperts.data import FACTOR_GROUPS, FactorSpec, build_factor_dataset, load_task
+from mmexperts.data import load_task
+from mmexperts.offline.factors import FACTOR_GROUPS, FactorSpec, build_factor_dataset
 
 SMALL = {"num_train": 64, "num_validation": 16, "num_test": 24, "seq_len": 6, "dim_a": 12, "dim_b": 10}
 

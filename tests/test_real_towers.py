@@ -38,11 +38,11 @@ from transformers import (
 )
 
 from mmexperts import AltMoEConfig, MoPEConfig, S3Config, VisionTextModelForClassification
-from mmexperts.data.synthetic import build_tokenizer
 from mmexperts.errors import CorruptFileError, FetchError
 from mmexperts.modeling import VisionTextClassificationConfig
 from mmexperts.mope.model import MoPEModel
 from mmexperts.offline import real_towers as rt
+from mmexperts.offline.synthetic import build_tokenizer
 from mmexperts.towers import find_towers
 
 from conftest import IMAGE_SIZE, VISION_TOWER, bert_config, make_batch, make_clip, make_siglip, vit_config

@@ -272,7 +272,7 @@ def test_metrics_json_rounds_floats_to_4_decimals(backbones, tmp_path):
 
 
 def test_the_first_backbone_build_says_where_it_caches_with_its_own_bar(tmp_path, capfd):
-    from mmexperts.data.backbones import pretrained_backbones
+    from mmexperts.offline.backbones import pretrained_backbones
 
     built = pretrained_backbones(cache_dir=tmp_path, vision_steps=2, text_steps=2)
     err = capfd.readouterr().err

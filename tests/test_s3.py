@@ -12,8 +12,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from mmexperts import FeatureEncoderConfig, FeatureEncoderForClassification, S3Config
-from mmexperts.s3.sweep import SweepConfig, evaluate, fit, sparsity_sweep
 from mmexperts.training import Trainer, method_config, train
+from mmexperts.training.sweep import SweepConfig, evaluate, fit, sparsity_sweep
 
 from conftest import make_batch, make_classifier, tiny_config
 
@@ -90,8 +90,8 @@ def test_pruning_experts_that_learned_a_spurious_nuisance_raises_test_accuracy()
     """Modality b's noise agrees with the label in train only: the experts that picked up this shortcut have negative
     leave-one-out validation utility; pruning them raises test accuracy and makes predictions stop following the
     nuisance, while keeping only the single most useful expert loses accuracy again (the reverse U)."""
-    from mmexperts.data.factors import build_factor_dataset
-    from mmexperts.s3.sweep import feature_loader
+    from mmexperts.offline.factors import build_factor_dataset
+    from mmexperts.training.sweep import feature_loader
 
     data, latents = build_factor_dataset(num_train=384, num_validation=256, num_test=512, seq_len=4, dim_a=DIM,
                                          dim_b=DIM, synergy_dims=0, label_from=("shared", "unique_a"),

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from mmexperts.errors import ConfigError
-from mmexperts.s3 import sweep
-from mmexperts.s3.sweep import SweepConfig, prepare_output, sparsity_sweep
+from mmexperts.training import sweep
+from mmexperts.training.sweep import SweepConfig, prepare_output, sparsity_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "sweep_s3.py"

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmexperts.data import synthetic
-from mmexperts.data.synthetic import (
+from mmexperts.offline import synthetic
+from mmexperts.offline.synthetic import (
     CAPTION_VOCABULARY,
     HYPOTHESIS_TYPES,
     MULTILABEL_NAMES,

@@ -21,7 +21,7 @@ from .atomic import write_file_atomic
 
 TEMPLATES = Path(__file__).parent / "model_cards"
 LIBRARY_TAG = "mmexperts"
-BACKBONE_REPORT = "report.json"  # written by mmexperts.data.backbones next to the synthetic towers it builds
+BACKBONE_REPORT = "report.json"  # written by mmexperts.offline.backbones next to the synthetic towers it builds
 PROBE_NOTE = ("`vision_only_*` and `text_only_*` are single-modality baselines: a linear probe fitted on the pooled "
               "features of one frozen tower alone (adapter disabled, no fusion), trained on the training split and "
               "scored on the same evaluation split as the adapter.")
@@ -53,7 +53,7 @@ def _describe(name: str) -> str:
     except (OSError, ValueError):
         return f"`{name}` (a local folder; the snippet below loads it from there)"
     return (f"`{name}` (a tiny backbone pretrained offline by mmexperts; "
-            f"`mmexperts.data.backbones.pretrained_backbones(seed={report.get('seed')}, "
+            f"`mmexperts.offline.backbones.pretrained_backbones(seed={report.get('seed')}, "
             f"image_size={report.get('image_size')})` rebuilds it identically anywhere)")
 
 

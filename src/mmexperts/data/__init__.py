@@ -1,10 +1,8 @@
-"""Data for mmexperts: task loading (synthetic, Hub, local), collation, the offline synthetic benchmark, and
-two-modality feature data (the controllable factor generator and MultiBench's feature pickles)."""
+"""Data for mmexperts: task loading (the offline kit's generators, Fashion-MNIST, the Hub, local folders), collation,
+and MultiBench's two-modality feature pickles."""
 
 from .collate import MultimodalCollator
-from .factors import FACTOR_GROUPS, FactorSpec, build_factor_dataset
 from .loading import DataReport, TaskData, load_task
 from .multibench import MULTIBENCH_DATASETS, load_multibench
 
-__all__ = ["FACTOR_GROUPS", "MULTIBENCH_DATASETS", "DataReport", "FactorSpec", "MultimodalCollator", "TaskData",
-           "build_factor_dataset", "load_multibench", "load_task"]
+__all__ = ["MULTIBENCH_DATASETS", "DataReport", "MultimodalCollator", "TaskData", "load_multibench", "load_task"]

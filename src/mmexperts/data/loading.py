@@ -40,12 +40,12 @@ import datasets
 from PIL import Image as PILImage
 
 from ..errors import DataError
-from .factors import build_factor_dataset
+from ..offline.factors import build_factor_dataset
+from ..offline.synthetic import MULTILABEL_NAMES, build_synthetic_splits
+from ..offline.synthetic import TASKS as SYNTHETIC_TASKS
 from .fashion import TASKS as FASHION_TASKS
 from .fashion import build_fashion_splits
 from .multibench import load_multibench
-from .synthetic import MULTILABEL_NAMES, build_synthetic_splits
-from .synthetic import TASKS as SYNTHETIC_TASKS
 
 TASK_TYPES = ("single_label_classification", "multi_label_classification", "retrieval")
 SINGLE_LABEL, MULTI_LABEL, RETRIEVAL = TASK_TYPES

@@ -34,7 +34,7 @@ import datasets
 import numpy as np
 
 from ..errors import UnsafePickleError
-from .factors import arrays_to_dataset
+from ..offline.factors import arrays_to_dataset
 
 AFFECT_MODALITIES: tuple[str, ...] = ("vision", "audio", "text")
 AFFECT_SPLITS: dict[str, str] = {"train": "train", "validation": "valid", "test": "test"}

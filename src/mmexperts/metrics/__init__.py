@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import evaluate
+import numpy as np
 
 METRICS_DIR = Path(__file__).resolve().parent
 METRIC_NAMES: tuple[str, ...] = ("accuracy", "multilabel_f1", "recall_at_k")
@@ -34,4 +35,14 @@ def load_metric(name: str, **kwargs) -> evaluate.EvaluationModule:
     return evaluate.load(metric_path(name), **kwargs)
 
 
-__all__ = ["METRICS_DIR", "METRIC_NAMES", "load_metric", "metric_path"]
+
+def compute_metrics(logits: np.ndarray, labels: np.ndarray, multi_label: bool) -> dict[str, float]:
+    """Accuracy for single-label tasks; macro and micro F1 for multi-label ones (``evaluate`` modules, offline)."""
+    if multi_label:
+        predictions = (logits > 0).astype(int)
+        return load_metric("multilabel_f1").compute(predictions=predictions.tolist(),
+                                                    references=labels.astype(int).tolist())
+    return load_metric("accuracy").compute(predictions=logits.argmax(-1).tolist(), references=labels.tolist())
+
+
+__all__ = ["METRICS_DIR", "METRIC_NAMES", "compute_metrics", "load_metric", "metric_path"]

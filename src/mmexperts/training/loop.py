@@ -32,7 +32,7 @@ from ..data.collate import MultimodalCollator
 from ..data.loading import load_task
 from ..errors import CheckpointError, ConfigError, NonFiniteLossError
 from ..hub import push_adapter_to_hub, write_model_card
-from ..metrics import load_metric
+from ..metrics import compute_metrics
 from ..modeling import VisionTextModelForClassification
 from ..plots import plot_class_usage, plot_direction_usage, plot_recall, plot_routing
 from ..retrieval import VectorStore, retrieval_recall
@@ -69,15 +69,6 @@ def check_process_group(accelerator: Accelerator) -> None:
             )
 
 
-def compute_metrics(logits: np.ndarray, labels: np.ndarray, multi_label: bool) -> dict[str, float]:
-    """Accuracy for single-label tasks; macro and micro F1 for multi-label ones (``evaluate`` modules, offline)."""
-    if multi_label:
-        predictions = (logits > 0).astype(int)
-        return load_metric("multilabel_f1").compute(predictions=predictions.tolist(),
-                                                    references=labels.astype(int).tolist())
-    return load_metric("accuracy").compute(predictions=logits.argmax(-1).tolist(), references=labels.tolist())
-
-
 class Trainer:
     """Train one adapter on one task: ``Trainer(config).train()`` returns the final metrics."""
 
@@ -107,7 +98,7 @@ class Trainer:
                   for m, name in (("vision", config.vision_model), ("text", config.text_model))}
         resolved = dict(chosen)
         if SYNTHETIC_BACKBONES in chosen.values():
-            from ..data.backbones import pretrained_backbones
+            from ..offline.backbones import pretrained_backbones
 
             with self.accelerator.main_process_first():
                 cached = pretrained_backbones(cache_dir=config.backbone_cache, seed=config.seed,

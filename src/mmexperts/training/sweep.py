@@ -38,10 +38,10 @@ from tqdm.auto import tqdm
 
 from ..atomic import recover_directory, write_file_atomic
 from ..errors import ConfigError, CorruptFileError
+from ..metrics import compute_metrics
 from ..modeling import FeatureEncoderConfig, FeatureEncoderForClassification
 from ..plots import plot_class_usage, plot_sparsity_curve
-from ..training.loop import compute_metrics
-from .config import S3Config
+from ..s3.config import S3Config
 
 FEATURE_COLUMNS = {"modality_a": "features_a", "modality_b": "features_b", "label": "labels", "task_id": "task_ids"}
 CSV_FIELDS = ("seed", "sparsity", "pruned", "active_experts", "validation_accuracy", "test_accuracy", "test_loss")
@@ -113,7 +113,7 @@ class SweepConfig:
 def load_feature_data(config: SweepConfig, seed: int):
     """The sweep's ``DatasetDict`` (train/validation/test with modality_a, modality_b, label)."""
     if config.dataset == "factors":
-        from ..data.factors import build_factor_dataset
+        from ..offline.factors import build_factor_dataset
 
         return build_factor_dataset(num_train=config.num_train, num_validation=config.num_eval,
                                     num_test=config.num_eval, label_from=tuple(config.label_from.split(",")),
