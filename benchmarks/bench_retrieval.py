@@ -131,20 +131,22 @@ def main() -> None:
         return store, time.perf_counter() - start
 
     flat, seconds = build(index_type="flat")
-    rows.append(measure("faiss flat", "IndexFlatIP", seconds, lambda: flat.search(queries, K).positions,
+    rows.append(measure("faiss flat", "IndexFlatIP", seconds, lambda store=flat: store.search(queries, K).positions,
                         args.repeats, args.queries, exact, source))
     del flat
     ivf, seconds = build(index_type="ivf", nlist=args.nlist, nprobe=args.nprobe[0])
     for nprobe in args.nprobe:
         ivf.set_search_params(nprobe=nprobe)
         rows.append(measure("faiss ivf", f"nlist={args.nlist} nprobe={nprobe}", seconds,
-                            lambda: ivf.search(queries, K).positions, args.repeats, args.queries, exact, source))
+                            lambda store=ivf: store.search(queries, K).positions, args.repeats, args.queries, exact,
+                            source))
     del ivf
     hnsw, seconds = build(index_type="hnsw", hnsw_m=args.hnsw_m, ef_construction=args.ef_construction)
     for ef in args.ef_search:
         hnsw.set_search_params(ef_search=ef)
         rows.append(measure("faiss hnsw", f"M={args.hnsw_m} efC={args.ef_construction} efS={ef}", seconds,
-                            lambda: hnsw.search(queries, K).positions, args.repeats, args.queries, exact, source))
+                            lambda store=hnsw: store.search(queries, K).positions, args.repeats, args.queries, exact,
+                            source))
     del hnsw
 
     exact_row = rows[1]
