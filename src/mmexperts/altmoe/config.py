@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..docstrings import document_fields
 from ..errors import ConfigError
 from ..moe import DISPATCH_MODES
 from ..registry import MMExpertsPeftType
@@ -14,6 +15,7 @@ SCHEDULES = ("alternating", "joint")
 REGRESSION_LOSSES = ("smooth_l1", "l2")
 
 
+@document_fields
 @dataclass
 class AltMoEConfig(TowerAdapterConfig):
     """Alt-MoE / M3-JEPA: one multi-directional mixture-of-experts connector aligning two frozen towers.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..docstrings import document_fields
 from ..errors import ConfigError
 from ..registry import MMExpertsPeftType
 from ..tuners import TowerAdapterConfig
@@ -13,6 +14,7 @@ PROMPT_MODES = ("tokens", "prefix")
 HEAD_POOLINGS = ("mean", "summary")
 
 
+@document_fields
 @dataclass
 class MoPEConfig(TowerAdapterConfig):
     """Mixture of Prompt Experts: routed, instance-level prompts in every block of a frozen tower.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..docstrings import document_fields
 from ..errors import ConfigError
 from ..moe import DISPATCH_MODES
 from ..registry import MMExpertsPeftType
@@ -19,6 +20,7 @@ _NON_NEGATIVE_FLOATS = ("router_noise_std", "diversity_loss_weight", "balance_lo
 _PAPER_DEFAULT_TOP_K = 2
 
 
+@document_fields
 @dataclass
 class S3Config(TowerAdapterConfig):
     """S3 (Specialization, Selection, Sparsification; Choi & Kwak, ICML 2026) over two frozen towers.

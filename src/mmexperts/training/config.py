@@ -17,6 +17,7 @@ import yaml
 from transformers import HfArgumentParser
 
 from ..data.loading import load_task
+from ..docstrings import document_fields
 from ..errors import ConfigError
 from .methods import CACHED_FEATURE_METHODS, METHODS
 
@@ -33,6 +34,7 @@ PRECEDENCE = ("Precedence, lowest first: TrainConfig's defaults < the config fil
               "command-line flags. '--config {none}' starts from TrainConfig's defaults alone.")
 
 
+@document_fields
 @dataclass
 class TrainConfig:
     """Everything a training run needs; every field can be set in YAML and overridden as ``--field value``."""
