@@ -519,9 +519,11 @@ class Trainer:
                     routing, sites, folder / "expert_usage.png",
                     title=f"{config.method} expert usage per direction, {split} split")
         elif routing is not None and config.method == "s3":
+            paper = next(iter(model.peft_config.values())).design == "paper"  # mean over both towers' MoE layers
+            what = "MoE expert routing (both towers)" if paper else "concept (expert) usage"
             plots["routing.png"] = plot_class_usage(
                 routing.mean(0), labels, self.task.label_names, folder / "routing.png",
-                title=f"S3 concept (expert) usage per class on {config.dataset}, {split} split")
+                title=f"S3 {what} per class on {config.dataset}, {split} split")
         elif routing is not None:
             tower = getattr(next(iter(model.peft_config.values())), "prompted_tower", None)
             plots["routing.png"] = plot_routing(routing, labels, self.task.label_names, folder / "routing.png",
