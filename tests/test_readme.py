@@ -1,4 +1,5 @@
-"""The README's complete Python examples (```python blocks) run as written; ```py blocks are API sketches."""
+"""The complete Python examples (```python blocks) of README.md and docs/*.md run as written; ```py blocks are API
+sketches."""
 
 import re
 from pathlib import Path
@@ -6,10 +7,12 @@ from pathlib import Path
 import pytest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+DOCUMENTS = [README, *sorted((README.parent / "docs").glob("*.md"))]
+BLOCKS = [(path.name, block) for path in DOCUMENTS
+          for block in re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S)]
 
 
-@pytest.mark.parametrize("index", range(len(BLOCKS)))
-def test_readme_python_example_runs(index, tmp_path, monkeypatch):
+@pytest.mark.parametrize("document, block", BLOCKS, ids=[f"{name}-{i}" for i, (name, _) in enumerate(BLOCKS)])
+def test_readme_python_example_runs(document, block, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    exec(compile(BLOCKS[index], f"README.md example {index}", "exec"), {"__name__": "__readme__"})
+    exec(compile(block, f"{document} example", "exec"), {"__name__": "__readme__"})
