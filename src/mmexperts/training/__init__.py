@@ -2,7 +2,8 @@
 
 from ..metrics import compute_metrics
 from .checkpoint import TrainingState, latest_checkpoint, list_checkpoints, verify_checkpoint
-from .config import TrainConfig, parse_config
+from .cli import parse_config
+from .config import TrainConfig
 from .loop import Trainer, check_process_group, train
 from .methods import METHODS, method_config
 

@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import functools
 import inspect
 import math
 import os
-import sys
-import textwrap
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import yaml
-from transformers import HfArgumentParser
 
 from ..data.loading import load_task
 from ..docstrings import document_fields
@@ -29,15 +22,17 @@ SYNTHETIC_BACKBONES = "synthetic"
 REAL_TOWERS = "real"
 AUTO_TOWERS = "auto"
 TOWER_CHOICES = (AUTO_TOWERS, SYNTHETIC_BACKBONES, REAL_TOWERS)
-NO_CONFIG = "none"  # --config none: start from TrainConfig's defaults alone
-PRECEDENCE = ("Precedence, lowest first: TrainConfig's defaults < the config file (--config FILE; {default}) < "
-              "command-line flags. '--config {none}' starts from TrainConfig's defaults alone.")
 
 
 @document_fields
 @dataclass
 class TrainConfig:
     """Everything a training run needs; every field can be set in YAML and overridden as ``--field value``."""
+
+    SWITCH_OFF_HELP = {  # help of a --no_<field> switch where "Turn --<field> off." says too little
+        "unimodal_baselines": "Skip the frozen single-modality baselines: no vision-only and text-only linear probes "
+                              "after training (saves their feature pass; metrics.json and the card then show the "
+                              "adapter's scores alone)."}
 
     method: str = field(default="mope", metadata={
         "help": "Adapter method: 'mope', 's3' or 'altmoe' (caption <-> image retrieval)."})
@@ -185,113 +180,3 @@ class TrainConfig:
     def dataset_kwargs(self) -> dict:
         """``dataset_config`` parsed into keyword arguments of ``load_task``."""
         return yaml.safe_load(self.dataset_config) or {}
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults shown as ``(default: X)``, or ``(default: X, from FILE)`` for the values a config file sets; the
-    ``--no_<field>`` switches show none (their field's default is the one that counts)."""
-
-    def __init__(self, prog, from_file: dict[str, str] | None = None, **kwargs):
-        super().__init__(prog, **kwargs)
-        self.from_file = from_file or {}
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if any(option.startswith("--no_") for option in action.option_strings):
-            return text
-        if action.dest in self.from_file and action.default is not argparse.SUPPRESS:
-            return f"{text} (default: {action.default}, from {self.from_file[action.dest]})"
-        return super()._get_help_string(action)
-
-
-def _config_argument(argv: list[str]) -> str | None:
-    """The value of ``--config`` in ``argv`` (``--config FILE`` or ``--config=FILE``), or None when absent."""
-    for index, argument in enumerate(argv):
-        if argument == "--config":
-            if index + 1 >= len(argv):
-                raise ConfigError("config", "--config needs a value: a YAML file, or 'none'.")
-            return argv[index + 1]
-        if argument.startswith("--config="):
-            return argument.partition("=")[2]
-    return None
-
-
-def _read_config_file(path: Path, known: set[str]) -> dict:
-    """A config file's TrainConfig fields, as parser defaults (mappings written back as one-line YAML)."""
-    if not path.is_file():
-        raise FileNotFoundError(f"--config {path}: no such file.")
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError("config", f"--config {path}: not valid YAML ({str(error).splitlines()[0]}).") from None
-    if not isinstance(values, dict):
-        raise ConfigError("config", f"--config {path}: expected a mapping of TrainConfig fields, got a "
-                                    f"{type(values).__name__}.")
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError("config", f"{path}: unknown fields {unknown}; valid fields: {sorted(known)}.")
-    return {key: (yaml.safe_dump(value, default_flow_style=True).strip()
-                  if key in MAPPING_FIELDS and not isinstance(value, str) else value)
-            for key, value in values.items()}
-
-
-def _shown(path: str | os.PathLike) -> str:
-    """``path`` relative to the working directory when it lies below it (as a user would type it)."""
-    relative = os.path.relpath(path)
-    return str(path) if relative.startswith("..") else relative
-
-
-def build_parser(default_config: str | os.PathLike | None = None,
-                 config_file: str | os.PathLike | None = None) -> HfArgumentParser:
-    """The command-line parser of TrainConfig (plus ``--config``), its defaults taken from ``config_file``."""
-    default = f"default: {_shown(default_config)}" if default_config is not None else "none by default"
-    description = textwrap.fill(PRECEDENCE.format(default=default, none=NO_CONFIG), 100)
-    parser = HfArgumentParser(TrainConfig, description=description, allow_abbrev=False)  # flags as typed, in full
-    config_help = ("YAML file of TrainConfig fields; its values replace TrainConfig's defaults and flags override "
-                   f"them. '{NO_CONFIG}': TrainConfig's defaults alone.")
-    parser.add_argument("--config", type=str, default=_shown(default_config) if default_config else None,
-                        help=config_help)
-    from_file = {}
-    if config_file is not None:
-        path = Path(config_file)
-        values = _read_config_file(path, {f.name for f in dataclasses.fields(TrainConfig)})
-        parser.set_defaults(**values)
-        from_file = dict.fromkeys(values, path.name)
-    parser.formatter_class = functools.partial(_HelpFormatter, from_file=from_file)
-    for action in parser._actions:
-        names = [option for option in action.option_strings if option.startswith("--no_")]
-        if names:
-            field_name = names[0][len("--no_"):]
-            action.help = (f"Turn --{field_name} off." if field_name != "unimodal_baselines" else
-                           "Skip the frozen single-modality baselines: no vision-only and text-only linear probes "
-                           "after training (saves their feature pass; metrics.json and the card then show the "
-                           "adapter's scores alone).")
-    return parser
-
-
-def parse_config(argv: list[str] | None = None,
-                 default_config: str | os.PathLike | None = None) -> TrainConfig:
-    """A TrainConfig from command-line arguments, by one precedence rule (lowest first): TrainConfig's defaults <
-    the config file < flags.
-
-    The config file is ``--config FILE``, else ``default_config`` (the recipe passes its demo config); ``--config
-    none`` uses no file. Any ``--field value`` overrides the file. A bad value raises ``ConfigError`` naming the flag,
-    a missing config file ``FileNotFoundError``.
-    """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    chosen = _config_argument(argv)
-    if chosen is None:
-        chosen = None if default_config is None else str(default_config)
-    if chosen is not None and chosen.lower() == NO_CONFIG:
-        chosen = None
-    parser = build_parser(default_config, chosen)
-
-    def refuse(message: str):
-        raise ConfigError("command line", f"{message} (see --help)")
-
-    parser.error = refuse  # one clear error instead of argparse's usage block and SystemExit
-    namespace, remaining = parser.parse_known_args(argv)
-    if remaining:
-        refuse(f"unrecognised arguments: {' '.join(remaining)}")
-    values = vars(namespace)
-    return TrainConfig(**{f.name: values[f.name] for f in dataclasses.fields(TrainConfig) if f.init})
