@@ -18,7 +18,7 @@ def test_metric_folders_load_offline_with_evaluate():
         assert (METRICS_DIR / name / f"{name}.py").is_file()
         module = evaluate.load(str(Path(metric_path(name))))
         assert isinstance(module, evaluate.EvaluationModule)
-    with pytest.raises(ValueError, match="unknown metric 'f1'"):
+    with pytest.raises(ValueError, match="Unknown metric 'f1'"):
         load_metric("f1")
 
 

@@ -17,10 +17,10 @@ METRIC_NAMES: tuple[str, ...] = ("accuracy", "multilabel_f1", "recall_at_k")
 def metric_path(name: str) -> str:
     """Folder of one of our metric modules, for ``evaluate.load`` (or to copy elsewhere)."""
     if name not in METRIC_NAMES:
-        raise ValueError(f"unknown metric {name!r}; valid choices: {', '.join(METRIC_NAMES)}")
+        raise ValueError(f"Unknown metric {name!r}; valid choices: {', '.join(METRIC_NAMES)}.")
     folder = METRICS_DIR / name
     if not (folder / f"{name}.py").is_file():
-        raise FileNotFoundError(f"metric module {folder / (name + '.py')} is missing; the package was installed "
+        raise FileNotFoundError(f"Metric module {folder / (name + '.py')} is missing; the package was installed "
                                 "without its metric files (package data 'metrics/*/*.py').")
     return str(folder)
 
