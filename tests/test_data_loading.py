@@ -16,8 +16,10 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from transformers import ViTImageProcessor
 
+from mmexperts.data.catalog import KNOWN_DATASETS
 from mmexperts.data.collate import MultimodalCollator
-from mmexperts.data.loading import BAD_ROW_REASONS, KNOWN_DATASETS, TASK_TYPES, DataReport, load_task
+from mmexperts.data.loading import load_task
+from mmexperts.data.tasks import BAD_ROW_REASONS, TASK_TYPES, DataReport
 from mmexperts.offline.synthetic import ENTAILMENT_LABELS, MULTILABEL_NAMES, build_tokenizer
 
 LABELS = ["cat", "dog", "bird"]

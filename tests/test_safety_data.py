@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 from mmexperts import AltMoEConfig
-from mmexperts.data.loading import MALFORMED_LINE, load_task
+from mmexperts.data.loading import load_task
+from mmexperts.data.tasks import MALFORMED_LINE
 from mmexperts.errors import DataError
 
 from conftest import make_batch, make_clip

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from PIL import Image as PILImage
 
-from .loading import MULTI_LABEL, RETRIEVAL, SINGLE_LABEL, TASK_TYPES
+from .tasks import MULTI_LABEL, RETRIEVAL, SINGLE_LABEL, TASK_TYPES
 
 
 class MultimodalCollator:
