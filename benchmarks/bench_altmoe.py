@@ -44,6 +44,7 @@ from mmexperts.data.collate import MultimodalCollator
 from mmexperts.data.loading import load_task
 from mmexperts.offline.backbones import pretrained_backbones
 from mmexperts.training.alternating import DirectionSchedule
+from mmexperts.training.engine import Engine, adamw_with_schedule
 
 HERE = Path(__file__).resolve().parent
 WIDTH, EXPERTS, TOP_K = 128, 8, 2
@@ -100,31 +101,19 @@ class Rows(torch.utils.data.Dataset):
 
 
 def train(model, rows: Rows, mode: str | None, steps: int, batch_size: int, lr: float, seed: int) -> list[float]:
-    """Train the connector on cached rows with the given direction schedule; returns the loss per step."""
+    """Train the connector on cached rows with the training engine and the given direction schedule (AdamW, linear
+    warm-up over 5 % of the steps then constant, clipping 1.0); returns the loss per step."""
     module = FeatureConnector(model).train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=5e-3)
+    optimizer, scheduler = adamw_with_schedule(params, lr, steps, weight_decay=5e-3, warmup=max(1, steps // 20),
+                                               decay="constant")
     schedule = DirectionSchedule(model.base_model.directions, mode) if mode else None
-    generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(rows, batch_size=batch_size, shuffle=True, drop_last=True, generator=generator,
-                        collate_fn=CachedFeatures.collate)
-    losses, step = [], 0
-    warmup = max(1, steps // 20)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
-    while step < steps:
-        for batch in loader:
-            with schedule.step(module, step):
-                loss = module(**batch).loss
-                loss.backward()
-            schedule.release_inactive(module, step)
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad()
-            losses.append(loss.item())
-            step += 1
-            if step >= steps:
-                break
+    engine = Engine(module, optimizer, scheduler, max_grad_norm=1.0, schedule=schedule, skip_nonfinite=False)
+    loader = DataLoader(rows, batch_size=batch_size, shuffle=True, drop_last=True,
+                        generator=torch.Generator().manual_seed(seed), collate_fn=CachedFeatures.collate)
+    losses: list[float] = []
+    while engine.state.step < steps:
+        engine.run(loader, steps, callbacks=[lambda out: losses.append(out.loss)])
     return losses
 
 

@@ -11,7 +11,6 @@ reused by every later call (and every process) with the same recipe, seed, image
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
@@ -35,6 +34,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from ..atomic import atomic_directory, exclusive_lock
+from ..training.engine import Engine, StepOutput, adamw_with_schedule
 from .synthetic import (
     COLOURS,
     GRID_SIZE,
@@ -127,38 +127,30 @@ def _count(model: nn.Module) -> int:
 
 
 def _loop(model: nn.Module, steps: int, lr: float, batches, description: str, progress: bool, bar=None) -> float:
-    """AdamW, linear warm-up then cosine decay, over ``steps`` batches of model inputs; returns the last loss.
+    """The training engine with AdamW, linear warm-up then cosine decay, over ``steps`` batches of model inputs (no
+    clipping); returns the last loss.
 
     ``bar``: a shared tqdm bar (the whole build's) to advance; without one, this loop shows its own when
     ``progress``."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    warmup = max(steps // 10, 1)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup + 1) / (steps - warmup + 1)))
-
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    optimizer, schedule = adamw_with_schedule(model.parameters(), lr, steps, weight_decay=0.01)
+    # in this process alone (the main process builds while the others wait), without Accelerate's shared state
+    engine = Engine(model, optimizer, schedule, skip_nonfinite=False)
     model.train()
     own = bar is None
     if own:
         bar = tqdm(total=steps, desc=description, disable=not progress)
     else:
         bar.set_description(f"building backbones: {description.removeprefix('pretraining ')}")
-    for step in range(steps):
-        loss = model(**next(batches)).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        bar.update(1)
-        if step % 50 == 0 or step == steps - 1:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+
+    def show_loss(out: StepOutput) -> None:
+        if (out.step - 1) % 50 == 0 or out.step == steps:
+            bar.set_postfix(loss=f"{out.loss:.4f}")
+
+    last = engine.run(batches, steps, progress=bar, callbacks=[show_loss])
     if own:
         bar.close()
     model.eval()
-    return loss.item()
+    return last.loss
 
 
 def _epochs(size: int, batch_size: int, generator: torch.Generator):

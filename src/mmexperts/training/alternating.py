@@ -3,8 +3,8 @@ Alt-MoE's AGD) or joint (every direction's loss summed each step).
 
 A model takes part when one of its modules (the tuner) offers ``directions`` (their names), ``direction(name)``, a
 context manager selecting what forward calls compute, and ``direction_parameters(name)``, the parameters only that
-direction uses. The direction is
-a pure function of the optimiser step, so resumed runs continue the same sequence.
+direction uses. The direction is a pure function of the optimiser step, so resumed runs continue the same sequence.
+A schedule finds the tuner of a model and the parameters private to each direction once, not on every step.
 """
 
 from __future__ import annotations
@@ -38,6 +38,9 @@ class DirectionSchedule:
         if len(directions) < 1:
             raise ValueError("A direction schedule needs at least one direction.")
         self.directions, self.mode = tuple(directions), mode
+        self._model: nn.Module | None = None
+        self._tuner: nn.Module | None = None
+        self._inactive: dict[str, list[nn.Parameter]] = {}
 
     @classmethod
     def for_model(cls, model: nn.Module, mode: str | None = None) -> DirectionSchedule | None:
@@ -46,7 +49,19 @@ class DirectionSchedule:
         if tuner is None:
             return None
         config = tuner.peft_config[tuner.active_adapters[0]]
-        return cls(tuple(tuner.directions), mode or config.schedule)
+        schedule = cls(tuple(tuner.directions), mode or config.schedule)
+        schedule._model, schedule._tuner = model, tuner
+        return schedule
+
+    def tuner(self, model: nn.Module) -> nn.Module:
+        """The module of ``model`` that selects directions, found on the first call for that model."""
+        if model is not self._model:
+            tuner = directional_tuner(model)
+            if tuner is None:
+                raise ValueError(f"{type(model).__name__} has no module selecting directions (a `direction(name)` "
+                                 "context manager and `direction_parameters(name)`); use a multi-directional adapter.")
+            self._model, self._tuner, self._inactive = model, tuner, {}
+        return self._tuner
 
     def direction_at(self, step: int) -> str | None:
         """The direction optimiser step ``step`` trains; None means all of them."""
@@ -57,25 +72,25 @@ class DirectionSchedule:
     @contextmanager
     def step(self, model: nn.Module, step: int):
         """Forward and backward of optimiser step ``step`` run inside this block."""
-        tuner = directional_tuner(model)
-        if tuner is None:
-            raise ValueError(f"{type(model).__name__} has no module selecting directions (a `direction(name)` "
-                             "context manager and `direction_parameters(name)`); use a multi-directional adapter.")
-        with tuner.direction(self.direction_at(step)):
+        with self.tuner(model).direction(self.direction_at(step)):
             yield
+
+    def inactive_parameters(self, model: nn.Module, active: str) -> list[nn.Parameter]:
+        """Parameters private to the directions other than ``active`` (computed once per model and direction)."""
+        tuner = self.tuner(model)
+        if active not in self._inactive:
+            keep = {id(p) for p in tuner.direction_parameters(active)}
+            self._inactive[active] = [param for direction in self.directions if direction != active
+                                      for param in tuner.direction_parameters(direction) if id(param) not in keep]
+        return self._inactive[active]
 
     def release_inactive(self, model: nn.Module, step: int) -> None:
         """After backward: drop the gradients of parameters private to directions that step ``step`` does not train."""
         active = self.direction_at(step)
         if active is None:
             return
-        tuner = directional_tuner(model)
-        keep = {id(p) for p in tuner.direction_parameters(active)}
-        for direction in self.directions:
-            if direction != active:
-                for param in tuner.direction_parameters(direction):
-                    if id(param) not in keep:
-                        param.grad = None
+        for param in self.inactive_parameters(model, active):
+            param.grad = None
 
 
 def schedule_step(schedule: DirectionSchedule | None, model: nn.Module, step: int):

@@ -1,4 +1,5 @@
-"""The training loop shared by every method: Accelerate, evaluation, checkpoints that resume exactly, publishing."""
+"""The recipe's training run for every method: setup, the engine's loop (``training.engine``) with evaluation and
+checkpoints that resume exactly after each step, publishing."""
 
 from __future__ import annotations
 
@@ -30,13 +31,13 @@ from ..altmoe.layer import BRANCHES
 from ..atomic import atomic_directory, commit_directory, recover_directory, staging_path, write_file_atomic
 from ..data.collate import MultimodalCollator
 from ..data.loading import load_task
-from ..errors import CheckpointError, ConfigError, NonFiniteLossError
+from ..errors import CheckpointError, ConfigError
 from ..hub import push_adapter_to_hub, write_model_card
 from ..metrics import compute_metrics
 from ..modeling import VisionTextModelForClassification
 from ..plots import plot_class_usage, plot_direction_usage, plot_recall, plot_routing
 from ..retrieval import VectorStore, retrieval_recall
-from .alternating import DirectionSchedule, schedule_step
+from .alternating import DirectionSchedule
 from .checkpoint import (
     STATE_FILE,
     TrainingState,
@@ -48,8 +49,16 @@ from .checkpoint import (
     write_manifest,
 )
 from .config import AUTO_TOWERS, REAL_TOWERS, SYNTHETIC_BACKBONES, TrainConfig
+from .engine import Engine, StepOutput
 from .features import CaptionPairs, cached_feature_loaders
-from .methods import RETRIEVAL_METHODS, UNUSED_PARAMETER_METHODS, default_classifier_input, method_config
+from .methods import (
+    METHODS,
+    RETRIEVAL_METHODS,
+    UNUSED_PARAMETER_METHODS,
+    default_classifier_input,
+    method_config,
+    method_hooks,
+)
 from .probes import fit_linear_probe, pooled_features
 
 logger = logging.getLogger(__name__)
@@ -182,6 +191,11 @@ class Trainer:
             raise ConfigError("method", f"--dataset {config.dataset} is a retrieval task, which trains a connector "
                                         f"method ({sorted(RETRIEVAL_METHODS)}); --method {config.method} needs a "
                                         "labelled task such as synthetic:entailment or synthetic:multilabel.")
+        if not self.retrieval and config.method in RETRIEVAL_METHODS:
+            raise ConfigError("method", f"--method {config.method} aligns the two towers on a retrieval task (such as "
+                                        f"synthetic:retrieval); --dataset {config.dataset} is a "
+                                        f"{self.task.task_type} task, which the methods "
+                                        f"{sorted(set(METHODS) - RETRIEVAL_METHODS)} train.")
         report = self.task.report
         if accelerator.is_main_process and report.num_dropped:
             dropped_file = out / "dropped_rows.json"
@@ -256,8 +270,10 @@ class Trainer:
                                   num_training_steps=self.max_steps * accelerator.num_processes)
         self.model, self.optimizer, self.train_loader, self.eval_loader, self.scheduler = accelerator.prepare(
             trained, optimizer, self.train_loader, self.eval_loader, scheduler)
-        self.schedule = DirectionSchedule.for_model(self.model)  # None unless the adapter has directions
-        self.trained_parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
+        # resolved once per run: the direction schedule (None unless the adapter has directions) and the method's hooks
+        self.schedule = DirectionSchedule.for_model(self.model)
+        self.hooks = method_hooks(accelerator.unwrap_model(self.model))
+        self.evaluator = {"retrieval": self.evaluate_retrieval, "labels": self.evaluate_labels}[self.hooks.evaluation]
         accelerator.register_save_state_pre_hook(self._keep_adapter_weights_only)
         if config.report_to != "none":
             accelerator.init_trackers("mmexperts", {k: v for k, v in vars(config).items()
@@ -313,72 +329,29 @@ class Trainer:
         if micro_per_epoch == 0:
             raise ValueError(f"The training split has fewer rows than one batch (batch_size={config.batch_size} per "
                              f"process, {accelerator.num_processes} processes); lower batch_size or add data.")
-        per_step = config.gradient_accumulation_steps
+        engine = self.engine()
         progress = tqdm(total=self.max_steps, initial=self.state.step, desc="training",
                         disable=not accelerator.is_local_main_process)
         self.train_mode()
-        running, seen, finite = 0.0, 0, True
         while self.state.step < self.max_steps:
-            done_micro = self.state.step * per_step
-            epoch, skip = divmod(done_micro, micro_per_epoch)
+            # where the run stands in the data is a function of the step, so a resumed run continues the same batches
+            epoch, skip = divmod(self.state.step * config.gradient_accumulation_steps, micro_per_epoch)
             self.train_loader.set_epoch(epoch)
             loader = accelerator.skip_first_batches(self.train_loader, skip) if skip else self.train_loader
-            for batch in loader:
-                with accelerator.accumulate(self.model), schedule_step(self.schedule, self.model, self.state.step):
-                    loss = self.model(**self.model_inputs(batch)).loss
-                    finite = finite and bool(torch.isfinite(loss.detach()).all())
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        if self.schedule is not None:
-                            self.schedule.release_inactive(self.model, self.state.step)
-                        finite = self._step_is_finite(finite)
-                        if not finite:  # no gradients, no update; the step still advances
-                            self.optimizer.zero_grad()
-                    self.optimizer.step()
-                    self.scheduler.step()
-                    self.optimizer.zero_grad()
-                if finite:
-                    running, seen = running + loss.detach().float().item(), seen + 1
-                if not accelerator.sync_gradients:
-                    continue
-                self.state.step += 1
-                progress.update(1)
-                self._count_nonfinite(finite)
-                self.on_step_end(running / seen if seen else float("nan"))
-                running, seen, finite = 0.0, 0, True
-                if self.state.step >= self.max_steps:
-                    break
+            engine.run(loader, self.max_steps, progress=progress, callbacks=[self._after_step])
         progress.close()
         return self.finish()
 
-    def _step_is_finite(self, loss_finite: bool) -> bool:
-        """Whether every process's loss and the synchronised gradients are finite (clipping, if set, happens here)."""
-        parameters = self.trained_parameters
-        if self.config.max_grad_norm > 0:
-            norm = self.accelerator.clip_grad_norm_(parameters, self.config.max_grad_norm)  # unscales fp16 grads
-        else:
-            self.accelerator.unscale_gradients()  # fp16: the grad scaler records its inf checks here
-            norms = [p.grad.detach().float().norm() for p in parameters if p.grad is not None]
-            norm = torch.stack(norms).norm() if norms else None
-        grads_finite = norm is None or bool(torch.isfinite(torch.as_tensor(norm)))  # None: no grads, or DeepSpeed
-        flags = torch.tensor([float(loss_finite), float(grads_finite)], device=self.accelerator.device)
-        return bool(self.accelerator.reduce(flags, reduction="sum").eq(self.accelerator.num_processes).all())
+    def engine(self) -> Engine:
+        """The engine over this run's prepared model, optimizer and scheduler, continuing ``self.state``."""
+        config = self.config
+        return Engine(self.model, self.optimizer, self.scheduler, accelerator=self.accelerator,
+                      max_grad_norm=config.max_grad_norm, schedule=self.schedule, hooks=self.hooks,
+                      model_inputs=self.model_inputs, max_nonfinite_in_a_row=config.max_nonfinite_in_a_row,
+                      state=self.state)
 
-    def _count_nonfinite(self, finite: bool) -> None:
-        """Count skipped steps; stop after ``max_nonfinite_in_a_row`` of them in a row."""
-        state = self.state
-        if finite:
-            state.nonfinite_in_a_row = 0
-            return
-        state.nonfinite_steps += 1
-        state.nonfinite_in_a_row += 1
-        self.accelerator.print(f"step {state.step}: non-finite loss or gradient, update skipped "
-                               f"({state.nonfinite_in_a_row} in a row, {state.nonfinite_steps} in all).")
-        if state.nonfinite_in_a_row >= self.config.max_nonfinite_in_a_row:
-            raise NonFiniteLossError(
-                f"{state.nonfinite_in_a_row} steps in a row had a non-finite loss or gradient (up to step "
-                f"{self.state.step}); training stopped. Check the inputs for NaN/inf, lower --learning_rate, or use "
-                "--mixed_precision bf16 instead of fp16; --max_nonfinite_in_a_row sets the limit.")
+    def _after_step(self, out: StepOutput) -> None:
+        self.on_step_end(out.loss)
 
     def train_mode(self) -> None:
         """Training mode for the adapter; the frozen towers' own dropout follows ``frozen_dropout``."""
@@ -421,13 +394,12 @@ class Trainer:
         return target
 
     def model_inputs(self, batch: dict, return_loss: bool = True) -> dict:
-        """The model's keyword arguments for a batch; retrieval batches carry image ids and ask for the loss."""
-        if not self.retrieval:
-            return batch
-        return {**{k: v for k, v in batch.items() if k != "image_ids"}, "return_loss": return_loss}
+        """The model's keyword arguments for a batch (the method's hook: retrieval batches drop their image ids and
+        ask for the loss)."""
+        return self.hooks.model_inputs(batch, return_loss)
 
     @torch.no_grad()
-    def evaluate_retrieval(self) -> tuple[dict, np.ndarray | None]:
+    def evaluate_retrieval(self) -> tuple[dict, np.ndarray | None, None]:
         """Recall@1/5/10 in both directions and RSUM on the evaluation split (one caption per image): each direction's
         queries search a vector store of the other modality's target embeddings. Also the connector's routing weights
         (sites, examples, experts), one site per direction and branch."""
@@ -444,13 +416,16 @@ class Trainer:
         ids = ids.long()
         metrics = retrieval_recall(VectorStore(image_targets, ids), VectorStore(text_targets, ids),
                                    image_queries=image_queries, text_queries=text_queries)
-        return metrics, routing.transpose(0, 1).numpy()
+        return metrics, routing.transpose(0, 1).numpy(), None
+
+    def evaluate(self) -> tuple[dict, np.ndarray | None, np.ndarray | None]:
+        """Metrics on the evaluation split, plus the routing weights (sites, examples, experts) and the labels (None
+        for retrieval), by the method's evaluation."""
+        return self.evaluator()
 
     @torch.no_grad()
-    def evaluate(self) -> tuple[dict, np.ndarray | None, np.ndarray]:
-        """Metrics on the evaluation split, plus the routing weights (blocks, examples, experts) and labels."""
-        if self.retrieval:
-            return *self.evaluate_retrieval(), None
+    def evaluate_labels(self) -> tuple[dict, np.ndarray | None, np.ndarray]:
+        """Metrics on the labelled evaluation split, plus the routing weights (blocks, examples, experts) and labels."""
         accelerator = self.accelerator
         self.model.eval()
         logits, labels, routing = [], [], []

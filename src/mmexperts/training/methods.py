@@ -1,15 +1,44 @@
-"""The adapter methods the recipe can train, by name."""
+"""The adapter methods the recipe can train, by name, and what a training run does differently for each."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 from peft import PeftConfig
+from torch import nn
 
 from ..altmoe import AltMoEConfig
 from ..mope import MoPEConfig
 from ..s3 import S3Config
 
+
+def labelled_inputs(batch: dict, return_loss: bool = True) -> dict:
+    """The model's keyword arguments for a labelled batch: the batch itself."""
+    return batch
+
+
+def retrieval_inputs(batch: dict, return_loss: bool = True) -> dict:
+    """The model's keyword arguments for a retrieval batch: its image ids dropped, the loss asked for."""
+    return {**{k: v for k, v in batch.items() if k != "image_ids"}, "return_loss": return_loss}
+
+
+@dataclass(frozen=True)
+class MethodHooks:
+    """What a training run does differently for a method, resolved once per run (``method_hooks``).
+
+    ``model_inputs(batch, return_loss=True)``: the model's keyword arguments for a collated batch.
+    ``evaluation``: ``"labels"`` (logits against labels) or ``"retrieval"`` (Recall@K both ways).
+    """
+
+    model_inputs: Callable[..., dict] = labelled_inputs
+    evaluation: str = "labels"
+
+
 METHODS: dict[str, type[PeftConfig]] = {"mope": MoPEConfig, "altmoe": AltMoEConfig, "s3": S3Config}
-RETRIEVAL_METHODS = {"altmoe"}  # methods that align two towers, trained on retrieval tasks
+METHOD_HOOKS: dict[str, MethodHooks] = {"mope": MethodHooks(), "s3": MethodHooks(),
+                                        "altmoe": MethodHooks(retrieval_inputs, "retrieval")}
+RETRIEVAL_METHODS = {name for name, hooks in METHOD_HOOKS.items() if hooks.evaluation == "retrieval"}
 CACHED_FEATURE_METHODS = {"altmoe"}  # methods whose adapter reads only the frozen towers' outputs
 UNUSED_PARAMETER_METHODS = {"altmoe"}  # a step may leave parameters unused (one direction, unrouted experts)
 
@@ -27,3 +56,20 @@ def method_config(name: str, kwargs: dict) -> PeftConfig:
 def default_classifier_input(config: PeftConfig) -> str:
     """The head's input a method's paper uses: MoPE predicts from its prompted tower."""
     return getattr(config, "prompted_tower", "concat")
+
+
+def method_of(model: nn.Module) -> str | None:
+    """The method (a ``METHODS`` name) of the active adapter of ``model``, a PeftModel or a module forwarding
+    ``base_model`` to one (``FeatureConnector``), read from its tuner; None for other models."""
+    tuner = getattr(model, "base_model", None)
+    configs = getattr(tuner, "peft_config", None)
+    if not isinstance(configs, dict) or not configs:
+        return None
+    active = getattr(tuner, "active_adapters", None) or list(configs)
+    config = configs.get(active[0])
+    return next((name for name, config_class in METHODS.items() if isinstance(config, config_class)), None)
+
+
+def method_hooks(model: nn.Module) -> MethodHooks:
+    """The ``MethodHooks`` of the method of ``model`` (the defaults for plain models and unknown methods)."""
+    return METHOD_HOOKS.get(method_of(model), MethodHooks())
