@@ -38,12 +38,6 @@ LAYERS: tuple[tuple[str, tuple[str, ...], str], ...] = (
 )
 
 # (importer, imported): edges that break the rules, each with the reason it stands and its fix.
-KNOWN_EXCEPTIONS: frozenset[tuple[str, str]] = frozenset({
-    # hub._import_line imports the package root (inside a function) to see whether a class is exported there, and the
-    # root imports hub: a cycle, and a training module importing the api layer. To fix in hub.py.
-    ("mmexperts.hub", ROOT),
-})
-
 LAYER_INDEX = {layer: index for index, (layer, _, _) in enumerate(LAYERS)}
 DATA_LAYER = "data"
 # Model training that the data layer must not import or use.
@@ -140,7 +134,7 @@ def test_no_module_imports_from_a_layer_above_its_own():
         own = layer_of(importer)
         for target, line in targets.items():
             above = layer_of(target)
-            if None not in (own, above) and above > own and (importer, target) not in KNOWN_EXCEPTIONS:
+            if None not in (own, above) and above > own:
                 violations.append(f"{where(importer, line)}: {importer} ({LAYERS[own][0]}) imports {target} "
                                   f"({LAYERS[above][0]})")
     order = " < ".join(layer for layer, _, _ in LAYERS)
@@ -171,8 +165,7 @@ def find_cycle(edges: dict[str, dict[str, int]]) -> list[str] | None:
 
 
 def test_no_import_cycles():
-    edges = {importer: {t: line for t, line in targets.items() if (importer, t) not in KNOWN_EXCEPTIONS}
-             for importer, targets in graph().items()}
+    edges = graph()
     cycle = find_cycle(edges)
     assert cycle is None, "Import cycle:\n" + "\n".join(
         f"{where(a, edges[a][b])}: {a} imports {b}" for a, b in zip(cycle, cycle[1:]))
@@ -183,12 +176,6 @@ def test_find_cycle_reports_the_cycle():
     assert find_cycle(edges) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b": 1}, "b": {}, "c": {"a": 1}}) is None
     assert find_cycle({"a": {"a": 1}}) == ["a", "a"]
-
-
-def test_known_exceptions_are_still_needed():
-    edges = graph()
-    stale = sorted(edge for edge in KNOWN_EXCEPTIONS if edge[1] not in edges.get(edge[0], {}))
-    assert not stale, f"These known exceptions no longer occur; remove them from KNOWN_EXCEPTIONS: {stale}"
 
 
 @pytest.mark.parametrize("name", sorted(n for n in modules() if layer_of(n) == LAYER_INDEX[DATA_LAYER]))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -58,13 +59,10 @@ def _describe(name: str) -> str:
 
 
 def _import_line(cls: type) -> str:
-    import transformers
-
-    import mmexperts
-
-    for package in (mmexperts, transformers):
-        if getattr(package, cls.__name__, None) is cls:
-            return f"from {package.__name__} import {cls.__name__}"
+    """The shortest import of ``cls``: from the package root when it exports the class, else from its module."""
+    for package in ("mmexperts", "transformers"):  # both loaded by now; read, not imported (the root imports hub)
+        if getattr(sys.modules.get(package), cls.__name__, None) is cls:
+            return f"from {package} import {cls.__name__}"
     return f"from {cls.__module__} import {cls.__name__}"
 
 
