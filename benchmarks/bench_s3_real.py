@@ -8,10 +8,11 @@ and all-MiniLM-L6-v2 (``mmexperts.offline.real_towers``). They run once over ``l
 (a Fashion-MNIST garment and a yes/no question about a garment attribute, balanced so that either modality alone is at
 chance): each example's output tokens of the block S3 attaches to (the towers' last block) are kept in memory
 (``--features-cache`` stores them between runs). S3 then trains on those tokens through a base model that replays
-them (``CachedTokenModel``), with the protocol of ``bench_s3_stages.py`` (``s3_protocol``): stage 1, stage 2 (routers
-only) and a linear probe on ``fused_embeds`` at each keep ratio. Baselines on the towers' mean-pooled tokens,
-concatenated: a linear probe and a small MLP (late fusion); the MLP also reads S3's ``fused_embeds`` at p = 1. Seeds
-vary the adapter, the batches and the probes; the data draw is the same (``--data-seed``).
+them (``CachedTokenModel``), with the protocol of ``bench_s3_stages.py`` (``training.sweep.three_stages``): stage
+1, stage 2 (routers only) and a linear probe on ``fused_embeds`` at each keep ratio. Baselines on the towers'
+mean-pooled tokens, concatenated: a linear probe and a small MLP (late fusion); the MLP also reads S3's
+``fused_embeds`` at p = 1. Seeds vary the adapter, the batches and the probes; the data draw is the same
+(``--data-seed``).
 Results: stdout, ``benchmarks/results/bench_s3_real.{csv,md,png}``.
 """
 
@@ -36,11 +37,12 @@ from mmexperts import FeatureEncoderConfig, FeatureEncoderForClassification, S3C
 from mmexperts.data.collate import MultimodalCollator
 from mmexperts.data.loading import load_task
 from mmexperts.offline.real_towers import real_towers
+from mmexperts.s3.protocol import keep_ratio_table, plot_keep_ratio_curves, probe_features, summarize_keep_ratios
 from mmexperts.towers import masked_mean
-from mmexperts.training.sweep import SweepConfig, evaluate, fit, prune_and_finetune
+from mmexperts.training.sweep import SweepConfig, evaluate, fit, probe_accuracy, prune_and_finetune, three_stages
 
 from harness import run_footer
-from s3_protocol import features, plot, probe_accuracy, summarize, sweep_table, three_stages
+from s3_protocol import named_rows
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -220,14 +222,15 @@ def run_seed(args: argparse.Namespace, tensors: dict, seed: int, ratios: list[fl
         model = peft.get_peft_model(base_model(tensors, seed), config)
         if not rows:  # the frozen towers' baselines, on their mean-pooled tokens concatenated
             rows.append(row(seed, FROZEN_LINEAR, probe_accuracy(model, train_eval, test, seed, adapter=False)[0]))
-            train_x, train_y, _ = features(model, train_eval, adapter=False)
-            test_x, test_y, _ = features(model, test, adapter=False)
+            train_x, train_y, _ = probe_features(model, train_eval, adapter=False)
+            test_x, test_y, _ = probe_features(model, test, adapter=False)
             rows.append(row(seed, FROZEN_MLP, mlp_probe(train_x, train_y, test_x, test_y, seed, args.mlp_hidden,
                                                         args.mlp_steps)))
-        rows += three_stages(model, train, train_eval, test, seed, f"chi={chi}", ratios, args.stage1_epochs,
-                             args.stage2_epochs, args.learning_rate)
-        train_x, train_y, _ = features(model, train_eval)
-        test_x, test_y, _ = features(model, test)
+        stages = three_stages(model, train, train_eval, test, seed, ratios, args.stage1_epochs, args.stage2_epochs,
+                              args.learning_rate)
+        rows += named_rows(stages, seed, f"chi={chi}")
+        train_x, train_y, _ = probe_features(model, train_eval)
+        test_x, test_y, _ = probe_features(model, test)
         rows.append(row(seed, f"chi={chi}: S3 fused_embeds, MLP probe",
                         mlp_probe(train_x, train_y, test_x, test_y, seed, args.mlp_hidden, args.mlp_steps)))
     return rows
@@ -266,7 +269,7 @@ def markdown(args, summary: list[dict], seconds: float, command: str, encode_sec
              f"once ({encode_seconds:.0f} s). chi in {{{args.granularities}}}, rho={args.expansion}, "
              f"d={args.latent_dim}, {args.num_layers} MoE layer(s) per modality; stage 1 {args.stage1_epochs} epochs, "
              f"stage 2 {args.stage2_epochs} epochs (routers only); linear probe on `fused_embeds`; eval batches of "
-             f"{args.eval_batch_size}. Chance: 0.5.", "", *sweep_table(summary, models), "",
+             f"{args.eval_batch_size}. Chance: 0.5.", "", *keep_ratio_table(summary, models), "",
              "| baseline or probe | test accuracy |", "| --- | --- |"]
     for model in dict.fromkeys(row["model"] for row in summary):
         if model not in models and model != "concepts design":
@@ -297,7 +300,7 @@ def main(argv=None) -> None:
         if not args.skip_concepts:
             rows += concept_sweep(args, tensors, seed)
         print(f"seed {seed} done ({time.perf_counter() - start:.0f} s)", flush=True)
-    summary = summarize(rows)
+    summary = summarize_keep_ratios(rows)
     stem = Path(args.output)
     stem.parent.mkdir(parents=True, exist_ok=True)
     with open(stem.with_suffix(".csv"), "w", newline="") as handle:
@@ -305,7 +308,8 @@ def main(argv=None) -> None:
         writer.writeheader()
         writer.writerows(rows)
     shown = [r for r in summary if r["model"] != "concepts design" and "MLP probe" not in r["model"]]
-    plot(shown, stem.with_suffix(".png"), "S3 (paper design) on real towers, fashion:entailment", chance=0.5)
+    plot_keep_ratio_curves(shown, stem.with_suffix(".png"), "S3 (paper design) on real towers, fashion:entailment",
+                           chance=0.5)
     text = markdown(args, summary, time.perf_counter() - start, command.strip(), encode_seconds)
     stem.with_suffix(".md").write_text(text)
     print(text)

@@ -5,12 +5,14 @@
     python benchmarks/bench_s3_stages.py --skip-concepts  # without the concept design's expert-pruning sweep
 
 Per seed: ``load_task("synthetic:factors")`` (the label needs shared, unique and synergistic factors of both
-modalities), a frozen random feature-encoder pair, and an S3 adapter (``S3Config.from_granularity``). Stage 1
-(Specialization) trains everything of the adapter without labels; stage 2 (Selection) trains only
-``selection_parameters()`` (the routers) with SupCon + compactness; stage 3 (Sparsification) sets each keep ratio p
-in turn, extracts ``fused_embeds`` for train and test (eval batches of ``--eval-batch-size``: the top-p pairs are
-chosen per batch) and fits a linear probe (``training.probes.fit_linear_probe``) on train, scored on test. The same
-keep-ratio sweep also runs on the model after stage 1 alone, and the frozen towers' pooled features give a baseline.
+modalities), a frozen random feature-encoder pair, and an S3 adapter (``S3Config.from_granularity``). The protocol is
+``mmexperts.training.sweep.three_stages``: stage 1 (Specialization) trains everything of the adapter without labels;
+stage 2 (Selection) trains only ``selection_parameters()`` (the routers) with SupCon + compactness; stage 3
+(Sparsification) sets each keep ratio p in turn, extracts ``fused_embeds`` for train and test (eval batches of
+``--eval-batch-size``: the top-p pairs are chosen per batch) and fits a linear probe
+(``training.probes.fit_linear_probe``) on train, scored on test. The same keep-ratio sweep also runs on the model
+after stage 1 alone, and the frozen towers' pooled features give a baseline. ``recipes/sweep_s3.py --config
+recipes/configs/s3_paper_sweep.yaml`` runs the same protocol as a resumable recipe (stage 1 probed at p = 1 only).
 Beside it, a small ``mmexperts.training.sweep.sparsity_sweep`` of the concepts design (its own data and protocol: a
 train-only nuisance shortcut, supervised heads, gate-mass expert pruning, router + head fine-tune).
 Results: stdout, ``benchmarks/results/bench_s3_stages.{csv,md,png}``.
@@ -32,10 +34,11 @@ import torch
 
 from mmexperts import FeatureEncoderConfig, FeatureEncoderForClassification, S3Config
 from mmexperts.data.loading import load_task
-from mmexperts.training.sweep import feature_loader
+from mmexperts.s3.protocol import keep_ratio_table, plot_keep_ratio_curves, summarize_keep_ratios
+from mmexperts.training.sweep import feature_loader, probe_accuracy, three_stages
 
 from harness import run_footer
-from s3_protocol import plot, probe_accuracy, summarize, sweep_table, three_stages
+from s3_protocol import named_rows
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -90,8 +93,9 @@ def run_seed(args: argparse.Namespace, seed: int, ratios: list[float]) -> list[d
         if not rows:  # the same frozen towers for every chi (same seed)
             rows.append({"seed": seed, "model": "frozen towers", "keep_ratio": 1.0, "kept_pairs": 1.0,
                          "test_accuracy": probe_accuracy(model, train_eval, test, seed, adapter=False)[0]})
-        rows += three_stages(model, train, train_eval, test, seed, f"chi={chi}", ratios, args.stage1_epochs,
-                             args.stage2_epochs, args.learning_rate)
+        stages = three_stages(model, train, train_eval, test, seed, ratios, args.stage1_epochs, args.stage2_epochs,
+                              args.learning_rate)
+        rows += named_rows(stages, seed, f"chi={chi}")
     return rows
 
 
@@ -116,7 +120,7 @@ def markdown(args, summary: list[dict], concepts: list[dict] | None, seconds: fl
              f"d={args.latent_dim}, {args.num_layers} MoE layer(s) per modality; stage 1 "
              f"{args.stage1_epochs} epochs, stage 2 {args.stage2_epochs} epochs (routers only); train "
              f"{args.train_size}, test {args.eval_size}; eval batches of {args.eval_batch_size}.", "",
-             *sweep_table(summary, models)]
+             *keep_ratio_table(summary, models)]
     frozen = cell.get(("frozen towers", 1.0))
     if frozen:
         lines += ["", f"Frozen towers alone (no adapter): {frozen['mean']:.4f} ± {frozen['std']:.4f}."]
@@ -142,14 +146,15 @@ def main(argv=None) -> None:
         rows += run_seed(args, seed, ratios)
         print(f"seed {seed} done ({time.perf_counter() - start:.0f} s)", flush=True)
     concepts = None if args.skip_concepts else concept_sweep(args)
-    summary = summarize(rows)
+    summary = summarize_keep_ratios(rows)
     stem = Path(args.output)
     stem.parent.mkdir(parents=True, exist_ok=True)
     with open(stem.with_suffix(".csv"), "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
         writer.writeheader()
         writer.writerows(rows)
-    plot(summary, stem.with_suffix(".png"), "S3 (paper design) on synthetic:factors")
+    plot_keep_ratio_curves(summary, stem.with_suffix(".png"), "S3 (paper design) on synthetic:factors",
+                           labels={"frozen towers": "frozen towers (no adapter)"})
     text = markdown(args, summary, concepts, time.perf_counter() - start, command.strip())
     stem.with_suffix(".md").write_text(text)
     print(text)

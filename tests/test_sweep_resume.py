@@ -26,15 +26,15 @@ TINY = dict(num_train=64, num_eval=32, sparsities="0,0.25,0.5,0.75", seeds="0,1"
 CELLS = 8
 
 
-def flags(output_dir: Path, **overrides) -> list[str]:
-    values = {**TINY, **overrides, "output_dir": str(output_dir)}
+def flags(output_dir: Path, base: dict = TINY, **overrides) -> list[str]:
+    values = {**base, **overrides, "output_dir": str(output_dir)}
     return [item for key, value in values.items() for item in (f"--{key}", str(value))]
 
 
-def start(output_dir: Path, *extra: str, **overrides) -> subprocess.Popen:
-    """The recipe in a subprocess, without progress bars."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), TQDM_DISABLE="1")
-    return subprocess.Popen([sys.executable, str(RECIPE), *flags(output_dir, **overrides), *extra], env=env,
+def start(output_dir: Path, *extra: str, base: dict = TINY, **overrides) -> subprocess.Popen:
+    """The recipe in a subprocess, without progress bars: the fields of ``base`` updated by ``overrides``."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), TQDM_DISABLE="1", OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, str(RECIPE), *flags(output_dir, base, **overrides), *extra], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -47,6 +47,19 @@ def finish(process: subprocess.Popen, returncode: int = 0) -> tuple[str, str]:
 def rows(output_dir: Path) -> list[dict]:
     with open(output_dir / "sweep.csv", newline="") as handle:
         return list(csv.DictReader(handle))
+
+
+def kill_after_first_row(process: subprocess.Popen, output_dir: Path) -> int:
+    """SIGKILL the sweep ``process`` as soon as its CSV holds a row; returns how many rows it holds then."""
+    deadline = time.monotonic() + 240
+    while not ((output_dir / "sweep.csv").exists() and rows(output_dir)):
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "no row after 240 s"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.communicate(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    return len(rows(output_dir))  # a complete CSV at any moment: rows are written atomically
 
 
 @pytest.fixture(scope="module")
@@ -96,16 +109,7 @@ def test_csv_grows_cell_by_cell_and_a_failed_sweep_resumes_to_the_same_csv(strai
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
 def test_sigkill_after_the_first_row_then_the_same_command_finishes_the_same_csv(straight, tmp_path):
     out = tmp_path / "sweep"
-    killed = start(out)
-    deadline = time.monotonic() + 240
-    while not ((out / "sweep.csv").exists() and rows(out)):
-        assert killed.poll() is None, killed.communicate()
-        assert time.monotonic() < deadline, "no row after 240 s"
-        time.sleep(0.02)
-    killed.send_signal(signal.SIGKILL)
-    killed.communicate(timeout=60)
-    assert killed.returncode == -signal.SIGKILL
-    written = len(rows(out))  # a complete CSV at any moment: rows are written atomically
+    written = kill_after_first_row(start(out), out)
     assert 1 <= written < CELLS
     output, _ = finish(start(out))
     assert f"Output folder: {out.resolve()}" in output.splitlines()[0]
