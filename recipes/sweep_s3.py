@@ -20,39 +20,18 @@ after a kill resumes: finished cells are skipped. A folder holding a sweep of an
 """
 
 import sys
-from pathlib import Path
 
-import yaml
-from transformers import HfArgumentParser
-
-from mmexperts.errors import ConfigError, MMExpertsError
+from mmexperts.errors import MMExpertsError
+from mmexperts.training import parse_config
 from mmexperts.training.sweep import SweepConfig, sparsity_sweep, summary_table
 
 # Errors a user fixes by changing the command line, the data or the output folder (not bugs): one line, no traceback.
 USER_ERRORS = (MMExpertsError, FileNotFoundError, NotADirectoryError, ConnectionError)
 
 
-def parse(argv: list[str]) -> SweepConfig:
-    """``--config file.yaml`` sets defaults; any ``--field value`` overrides them."""
-    parser = HfArgumentParser(SweepConfig)
-    parser.add_argument("--config", type=str, default=None, help="YAML file with SweepConfig fields.")
-    if "--config" in argv:
-        path = Path(argv[argv.index("--config") + 1])
-        if not path.is_file():
-            raise FileNotFoundError(f"--config {path}: no such file.")
-        values = yaml.safe_load(path.read_text()) or {}
-        known = set(SweepConfig.__dataclass_fields__)
-        if set(values) - known:
-            raise ConfigError("config", f"{path}: unknown fields {sorted(set(values) - known)}; valid fields: "
-                                        f"{sorted(known)}.")
-        parser.set_defaults(**{k: ",".join(map(str, v)) if isinstance(v, list) else v for k, v in values.items()})
-    config, _ = parser.parse_args_into_dataclasses(args=argv)
-    return config
-
-
 def main(argv: list[str]) -> int:
     try:
-        config = parse(argv)
+        config = parse_config(argv, config_class=SweepConfig)
         result = sparsity_sweep(config)
     except USER_ERRORS as error:
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)

@@ -7,8 +7,9 @@ import pytest
 
 from mmexperts import AltMoEConfig, MoPEConfig, S3Config
 from mmexperts.training import TrainConfig
+from mmexperts.training.sweep import SweepConfig
 
-CONFIGS = [MoPEConfig, S3Config, AltMoEConfig, TrainConfig]
+CONFIGS = [MoPEConfig, S3Config, AltMoEConfig, TrainConfig, SweepConfig]
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.__name__)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from mmexperts.errors import ConfigError
-from mmexperts.training import sweep
+from mmexperts.training import parse_config, sweep
 from mmexperts.training.sweep import SweepConfig, prepare_output, sparsity_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,3 +145,13 @@ def test_overwrite_output_dir_starts_over_and_files_without_config_are_refused(t
     (out / "sweep.csv").write_text("seed\n")
     with pytest.raises(ConfigError, match="without the config.json"):
         prepare_output(SweepConfig(**TINY, output_dir=str(out)))
+
+
+def test_the_sweep_recipe_reads_yaml_lists_and_flags_with_the_training_parser(tmp_path):
+    config_file = tmp_path / "sweep.yaml"
+    config_file.write_text("design: paper\ngranularities: [2, 4]\nkeep_ratios: [0.5, 1.0]\nseeds: [0]\n")
+    config = parse_config(["--config", str(config_file), "--seeds", "1,2"], config_class=SweepConfig)
+    assert (config.design, config.granularities, config.keep_ratios, config.seeds) == ("paper", "2,4", "0.5,1.0",
+                                                                                         "1,2")
+    with pytest.raises(ConfigError, match="unrecognised arguments: --sparsity 0.5"):
+        parse_config(["--sparsity", "0.5"], config_class=SweepConfig)

@@ -64,7 +64,8 @@ def _read_config_file(path: Path, config_class: type) -> dict:
     """A config file's fields of ``config_class``, as parser defaults (mappings and lists of string fields written
     back as their flag values)."""
     known = {f.name for f in dataclasses.fields(config_class)}
-    strings = {f.name for f in dataclasses.fields(config_class) if str(f.type).startswith("str")}
+    strings = {f.name for f in dataclasses.fields(config_class)
+               if (f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))).startswith("str")}
     if not path.is_file():
         raise FileNotFoundError(f"--config {path}: no such file.")
     try:

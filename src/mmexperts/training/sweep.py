@@ -49,6 +49,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..atomic import recover_directory, write_file_atomic
+from ..docstrings import document_fields
 from ..errors import ConfigError, CorruptFileError
 from ..metrics import compute_metrics
 from ..modeling import FeatureEncoderConfig, FeatureEncoderForClassification
@@ -80,6 +81,7 @@ DATA_DEFAULTS = {"concepts": {"label_from": "shared,unique_a", "spurious_strengt
 SPECIALIZATION_KEY = "sweep.specialization_accuracy"  # stored beside the adapter weights in state/
 
 
+@document_fields
 @dataclass
 class SweepConfig:
     """Everything one sweep needs; every field is also a ``recipes/sweep_s3.py`` option. Fields marked (concepts)
