@@ -37,7 +37,8 @@ from mmexperts import FeatureEncoderConfig, FeatureEncoderForClassification, S3C
 from mmexperts.data.collate import MultimodalCollator
 from mmexperts.data.loading import load_task
 from mmexperts.offline.real_towers import real_towers
-from mmexperts.s3.protocol import keep_ratio_table, plot_keep_ratio_curves, probe_features, summarize_keep_ratios
+from mmexperts.plots import plot_keep_ratio_curves
+from mmexperts.s3.protocol import keep_ratio_table, probe_features, summarize_keep_ratios
 from mmexperts.towers import masked_mean
 from mmexperts.training.sweep import SweepConfig, evaluate, fit, probe_accuracy, prune_and_finetune, three_stages
 

@@ -34,7 +34,8 @@ import torch
 
 from mmexperts import FeatureEncoderConfig, FeatureEncoderForClassification, S3Config
 from mmexperts.data.loading import load_task
-from mmexperts.s3.protocol import keep_ratio_table, plot_keep_ratio_curves, summarize_keep_ratios
+from mmexperts.plots import plot_keep_ratio_curves
+from mmexperts.s3.protocol import keep_ratio_table, summarize_keep_ratios
 from mmexperts.training.sweep import feature_loader, probe_accuracy, three_stages
 
 from harness import run_footer

@@ -439,11 +439,9 @@ def nonfinite_table(nonfinite: dict) -> list[str]:
 
 
 def plot(results: list[dict], path: Path) -> None:
-    import matplotlib
+    from mmexperts.plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     figure, axes = plt.subplots(figsize=(8, 4.5))
     for result in results:
         steps, rss = zip(*result["samples"])
@@ -460,8 +458,7 @@ def plot(results: list[dict], path: Path) -> None:
     axes.legend(loc="best", fontsize=8)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def main(argv=None) -> int:

@@ -1,11 +1,11 @@
-"""Pictures users look at: routing heatmaps, expert usage per class or per direction, retrieval recall, and the S3
-sparsity curve. Every function takes plain arrays, writes one PNG atomically and returns its path."""
+"""Pictures users look at: routing heatmaps, expert usage per class or per direction, retrieval recall, the S3
+sparsity and keep-ratio curves. Every function takes plain arrays, writes one PNG atomically and returns its path."""
 
 from __future__ import annotations
 
 import io
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -14,7 +14,8 @@ from .atomic import write_file_atomic
 WEIGHT_LABEL = "mean routing weight"
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend (figures are only ever written to files)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -23,9 +24,9 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: str | os.PathLike) -> str:
+def save_figure(fig, path: str | os.PathLike) -> str:
     """Render ``fig`` to PNG bytes and write them atomically (readers never see half a PNG)."""
-    plt = _pyplot()
+    plt = pyplot()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
@@ -73,7 +74,7 @@ def plot_routing(routing: np.ndarray, labels: np.ndarray | None, label_names: Se
     ``routing`` is (blocks, examples, experts); ``labels`` (examples,) single-label or (examples, classes) multi-hot.
     ``tower`` and ``split`` name where the routing happened and which data it was measured on (axes and title).
     """
-    plt = _pyplot()
+    plt = pyplot()
     routing = np.asarray(routing, dtype=float)
     where = f"{tower} tower " if tower else ""
     panels = [(routing.mean(1), [f"{where}block {i}" for i in range(routing.shape[0])], "per block")]
@@ -87,14 +88,14 @@ def plot_routing(routing: np.ndarray, labels: np.ndarray | None, label_names: Se
         _heatmap(fig, ax, matrix, rows, f"{WEIGHT_LABEL} {what}")
     context = ", ".join(part for part in (f"{tower} tower" if tower else "", f"{split} split" if split else "") if part)
     fig.suptitle(f"{title} ({context})" if context else title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_class_usage(weights: np.ndarray, labels: np.ndarray, label_names: Sequence[str] | None,
                      path: str | os.PathLike, title: str = "Expert usage per class") -> str:
     """PNG of class x expert mean routing weight from ``weights`` (examples, experts) and ``labels`` (examples,) or
     multi-hot (examples, classes)."""
-    plt = _pyplot()
+    plt = pyplot()
     weights = np.asarray(weights, dtype=float)
     if weights.ndim != 2:
         raise ValueError(f"weights must be (examples, experts), got shape {weights.shape}")
@@ -102,14 +103,14 @@ def plot_class_usage(weights: np.ndarray, labels: np.ndarray, label_names: Seque
     fig, ax = plt.subplots(figsize=(0.5 * weights.shape[1] + 4.5, 0.35 * len(names) + 2.4), layout="constrained")
     _heatmap(fig, ax, matrix, names, title)
     ax.set_ylabel("class")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_direction_usage(weights: np.ndarray, sites: Sequence[str], path: str | os.PathLike,
                          title: str = "Expert usage per direction") -> str:
     """PNG of direction x expert mean routing weight; ``weights`` is (sites, examples, experts), one name per site
     (e.g. 'image→text contrastive')."""
-    plt = _pyplot()
+    plt = pyplot()
     weights = np.asarray(weights, dtype=float)
     if weights.ndim != 3 or len(sites) != weights.shape[0]:
         raise ValueError(f"weights must be (sites, examples, experts) with one name per site, got shape "
@@ -117,14 +118,14 @@ def plot_direction_usage(weights: np.ndarray, sites: Sequence[str], path: str | 
     fig, ax = plt.subplots(figsize=(0.5 * weights.shape[2] + 5.5, 0.35 * len(sites) + 2.4), layout="constrained")
     _heatmap(fig, ax, weights.mean(1), list(sites), title)
     ax.set_ylabel("direction")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_recall(metrics: dict, path: str | os.PathLike, title: str = "Retrieval recall",
                 k_values: Sequence[int] = (1, 5, 10)) -> str:
     """Bar chart of Recall@K (percent) per direction from ``i2t_r{k}`` / ``t2i_r{k}`` metrics (``eval_`` prefix
     allowed); the bars carry their values."""
-    plt = _pyplot()
+    plt = pyplot()
     directions = {"i2t": "image → text", "t2i": "text → image"}
 
     def value(direction: str, k: int) -> float:
@@ -145,13 +146,13 @@ def plot_recall(metrics: dict, path: str | os.PathLike, title: str = "Retrieval 
     ax.set_title(f"{title} (RSUM {float(rsum):.1f})" if rsum is not None else title)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_sparsity_curve(summary: list[dict], path: str | os.PathLike, title: str) -> str:
     """PNG of mean test accuracy (with a std band over seeds) against sparsity; ``summary`` rows hold ``sparsity``,
     ``mean`` and ``std``."""
-    plt = _pyplot()
+    plt = pyplot()
     x = np.array([row["sparsity"] for row in summary])
     mean, std = np.array([row["mean"] for row in summary]), np.array([row["std"] for row in summary])
     fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -162,7 +163,43 @@ def plot_sparsity_curve(summary: list[dict], path: str | os.PathLike, title: str
     ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 __all__ = ["plot_class_usage", "plot_direction_usage", "plot_recall", "plot_routing", "plot_sparsity_curve"]
+
+
+def plot_keep_ratio_curves(summary: list[dict], path: str | os.PathLike, title: str, by: str = "model",
+                           labels: Mapping | None = None, reference: Mapping | None = None,
+                           reference_label: str = "", chance: float | None = None) -> str:
+    """PNG of accuracy against keep ratio, one line per group with a mean ± std band; a group with a single cell is a
+    horizontal baseline. ``reference`` maps a group to ``(mean, std)`` drawn as an open marker at p = 1 (shifted right a
+    little per group, so they do not overlap) in the group's colour (e.g. the model after stage 1 alone), labelled
+    ``"{label}: {reference_label}"``."""
+    plt = pyplot()
+    labels, reference = labels or {}, reference or {}
+    fig, ax = plt.subplots(figsize=(8.5, 4))
+    styles = iter(["--", "-.", ":", (0, (5, 1))])
+    for index, group in enumerate(dict.fromkeys(row[by] for row in summary)):
+        cells = [row for row in summary if row[by] == group]
+        name = str(labels.get(group, group))
+        x = np.array([row["keep_ratio"] for row in cells])
+        mean, std = np.array([row["mean"] for row in cells]), np.array([row["std"] for row in cells])
+        if len(cells) == 1:
+            ax.axhline(mean[0], color="grey", linestyle=next(styles, "--"), label=name)
+            continue
+        line, = ax.plot(x, mean, marker="o", markersize=4, label=name)
+        ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.15)
+        if group in reference:
+            ref_mean, ref_std = reference[group]
+            ax.errorbar([1.0 + 0.012 * (index + 1)], [ref_mean], yerr=[ref_std], fmt="s", markersize=7,
+                        markerfacecolor="none", color=line.get_color(), capsize=3, label=f"{name}: {reference_label}")
+    if chance is not None:
+        ax.axhline(chance, color="black", linewidth=0.8, label="chance")
+    ax.set_xlabel("keep ratio p (fraction of top-k routing pairs kept per batch)")
+    ax.set_ylabel("linear-probe test accuracy")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes, off the curves
+    fig.tight_layout()
+    return save_figure(fig, path)

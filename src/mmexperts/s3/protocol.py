@@ -1,5 +1,6 @@
 """The S3 paper's evaluation protocol, the parts that need no training loop: what the linear probe reads
-(``fused_embeds``, with the routing pairs each keep ratio keeps), and the summary, table and plot of a keep-ratio sweep.
+(``fused_embeds``, with the routing pairs each keep ratio keeps), and the summary and table of a keep-ratio sweep
+(its plot: :func:`mmexperts.plots.plot_keep_ratio_curves`).
 
 Training the stages and fitting the probes live in :mod:`mmexperts.training.sweep` (``three_stages``,
 ``keep_ratio_probe``, and the recipe's sweep over granularity x keep ratio, ``sparsity_sweep`` with
@@ -8,15 +9,12 @@ Training the stages and fitting the probes live in :mod:`mmexperts.training.swee
 
 from __future__ import annotations
 
-import os
 import statistics
 from collections.abc import Iterable, Mapping
 
-import numpy as np
 import torch
 
 from ..errors import ConfigError
-from ..plots import _pyplot, _save
 
 FROZEN_PAIRS = (("modality_a_embeds", "modality_b_embeds"), ("vision_embeds", "text_embeds"))
 
@@ -86,40 +84,4 @@ def keep_ratio_table(summary: list[dict], groups: list, by: str = "model", label
     return lines
 
 
-def plot_keep_ratio_curves(summary: list[dict], path: str | os.PathLike, title: str, by: str = "model",
-                           labels: Mapping | None = None, reference: Mapping | None = None,
-                           reference_label: str = "", chance: float | None = None) -> str:
-    """PNG of accuracy against keep ratio, one line per group with a mean ± std band; a group with a single cell is a
-    horizontal baseline. ``reference`` maps a group to ``(mean, std)`` drawn as an open marker at p = 1 (shifted right a
-    little per group, so they do not overlap) in the group's colour (e.g. the model after stage 1 alone), labelled
-    ``"{label}: {reference_label}"``."""
-    plt = _pyplot()
-    labels, reference = labels or {}, reference or {}
-    fig, ax = plt.subplots(figsize=(8.5, 4))
-    styles = iter(["--", "-.", ":", (0, (5, 1))])
-    for index, group in enumerate(dict.fromkeys(row[by] for row in summary)):
-        cells = [row for row in summary if row[by] == group]
-        name = str(labels.get(group, group))
-        x = np.array([row["keep_ratio"] for row in cells])
-        mean, std = np.array([row["mean"] for row in cells]), np.array([row["std"] for row in cells])
-        if len(cells) == 1:
-            ax.axhline(mean[0], color="grey", linestyle=next(styles, "--"), label=name)
-            continue
-        line, = ax.plot(x, mean, marker="o", markersize=4, label=name)
-        ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.15)
-        if group in reference:
-            ref_mean, ref_std = reference[group]
-            ax.errorbar([1.0 + 0.012 * (index + 1)], [ref_mean], yerr=[ref_std], fmt="s", markersize=7,
-                        markerfacecolor="none", color=line.get_color(), capsize=3, label=f"{name}: {reference_label}")
-    if chance is not None:
-        ax.axhline(chance, color="black", linewidth=0.8, label="chance")
-    ax.set_xlabel("keep ratio p (fraction of top-k routing pairs kept per batch)")
-    ax.set_ylabel("linear-probe test accuracy")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes, off the curves
-    fig.tight_layout()
-    return _save(fig, path)
-
-
-__all__ = ["keep_ratio_table", "plot_keep_ratio_curves", "probe_features", "summarize_keep_ratios"]
+__all__ = ["keep_ratio_table", "probe_features", "summarize_keep_ratios"]

@@ -53,9 +53,9 @@ from ..docstrings import document_fields
 from ..errors import ConfigError, CorruptFileError
 from ..metrics import compute_metrics
 from ..modeling import FeatureEncoderConfig, FeatureEncoderForClassification
-from ..plots import plot_class_usage, plot_sparsity_curve
+from ..plots import plot_class_usage, plot_keep_ratio_curves, plot_sparsity_curve
 from ..s3.config import DESIGNS, S3Config
-from ..s3.protocol import keep_ratio_table, plot_keep_ratio_curves, probe_features, summarize_keep_ratios
+from ..s3.protocol import keep_ratio_table, probe_features, summarize_keep_ratios
 from .probes import fit_linear_probe
 
 FEATURE_COLUMNS = {"modality_a": "features_a", "modality_b": "features_b", "label": "labels", "task_id": "task_ids"}
