@@ -56,6 +56,7 @@ from ..modeling import FeatureEncoderConfig, FeatureEncoderForClassification
 from ..plots import plot_class_usage, plot_keep_ratio_curves, plot_sparsity_curve
 from ..s3.config import DESIGNS, S3Config
 from ..s3.protocol import keep_ratio_table, probe_features, summarize_keep_ratios
+from .engine import Engine, without
 from .probes import fit_linear_probe
 
 FEATURE_COLUMNS = {"modality_a": "features_a", "modality_b": "features_b", "label": "labels", "task_id": "task_ids"}
@@ -266,26 +267,21 @@ def only_trainable(model: torch.nn.Module, params: list[torch.nn.Parameter]):
 
 def fit(model: torch.nn.Module, loader: DataLoader, epochs: int, learning_rate: float, weight_decay: float,
         labels: bool = True, description: str | None = None) -> None:
-    """AdamW over the trainable parameters; ``labels=False`` drops labels (the self-supervised stage).
+    """AdamW over the trainable parameters through the training engine (clipping 1.0, no schedule); ``labels=False``
+    drops labels (the self-supervised stage).
 
     With a ``description``, a progress bar counts the steps (it disappears when done).
     """
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate,
+                                  weight_decay=weight_decay)
+    engine = Engine(model, optimizer, max_grad_norm=1.0, skip_nonfinite=False,
+                    model_inputs=None if labels else without("labels"))
     model.train()
     total = epochs * len(loader) if hasattr(loader, "__len__") else None
     shown = {} if description else {"disable": True}  # an unset `disable` leaves TQDM_DISABLE in charge
     with tqdm(total=total, desc=description, unit="step", leave=False, **shown) as progress:
         for _ in range(epochs):
-            for batch in loader:
-                if not labels:
-                    batch = {k: v for k, v in batch.items() if k != "labels"}
-                loss = model(**batch).loss
-                optimizer.zero_grad()
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                optimizer.step()
-                progress.update(1)
+            engine.run(loader, progress=progress)
     model.eval()
 
 
