@@ -10,11 +10,12 @@ and peak resident memory (see ``_peak_memory``). Results go to stdout and to ``b
 Variants
   training (forward + backward + AdamW step + zero_grad, train mode):
     mope         MoPEConfig() defaults: K=4; per vision block 6 static + 6 routed + 1 mapped prompt tokens (13),
-                 per text block 4 deep prompt tokens; trainable: prompts, routers, mapper, gates, classifier.
+                 per text block 4 deep prompt tokens, all as extra tokens each block processes (the default
+                 prompt_mode="tokens", VPT-deep as the official code); trainable: prompts, routers, mapper,
+                 classifier.
     deep-prompt  MoPEConfig(num_experts=0, static_prompt_length=13, mapped_prompt_length=0): one static prompt of 13
                  tokens per vision block (the text blocks keep their 4 deep prompt tokens), i.e. plain VPT-deep
-                 prompts through the very same gated-prefix attention, dropout and gates, with no router, experts
-                 or mapper.
+                 prompts in the same mode (tokens), with the same dropout and no router, experts or mapper.
     full-ft      the base model, every parameter trainable.
   inference (eval mode, torch.no_grad forward):
     base         the base model without adapter.
@@ -372,8 +373,8 @@ def _report(train: list[dict], infer: list[dict], options: dict, elapsed: float)
              "gradients, AdamW state). The other processes do not count. "
              f"Source used: {mope['peak_source']}.",
              "- Plain deep prompts: `MoPEConfig(num_experts=0, static_prompt_length=13, mapped_prompt_length=0)`, one "
-             "static 13-token prompt per vision block (same gated prefix attention, prompt dropout and gates; text "
-             "blocks keep 4 tokens), no router, experts or mapper.",
+             "static 13-token prompt per vision block (the same prompt mode, `prompt_mode=\"tokens\"` by default, and "
+             "prompt dropout; text blocks keep 4 tokens), no router, experts or mapper.",
              f"- Total wall time of the benchmark: {elapsed:.0f} s.",
              ""]
     return "\n".join(lines)
