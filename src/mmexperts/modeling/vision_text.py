@@ -64,8 +64,11 @@ class VisionTextModelForClassification(PreTrainedModel):
         super().__init__(config)
         self.vision_model = vision_model if vision_model is not None else AutoModel.from_config(config.vision_config)
         self.text_model = text_model if text_model is not None else AutoModel.from_config(config.text_config)
-        self.vision_model.config = config.vision_config
-        self.text_model.config = config.text_config
+        for tower, tower_config in ((self.vision_model, config.vision_config), (self.text_model, config.text_config)):
+            # the tower keeps the attention implementation it was built with: a sub-config rebuilt from a dict names
+            # none, and BERT-style towers then build no attention mask at all (padding would be attended to)
+            tower_config._attn_implementation_internal = tower.config._attn_implementation
+            tower.config = tower_config
         sizes = {"vision": config.vision_config.hidden_size, "text": config.text_config.hidden_size}
         in_features = sum(sizes.values()) if config.classifier_input == "concat" else sizes[config.classifier_input]
         self.dropout = nn.Dropout(config.classifier_dropout)

@@ -80,6 +80,7 @@ def towers_fingerprint(tuner) -> dict:
         weights = {name.replace(".base_layer.", "."): tensor_sha256(value.detach().cpu())
                    for name, value in tower.module.state_dict().items() if tuner.prefix not in name}
         result[modality] = {"config": _digest(config.to_dict() if config is not None else None),
+                            "attention": getattr(config, "_attn_implementation", None),  # decides the padding mask
                             "weights": _digest(weights)}
     return result
 
