@@ -15,8 +15,9 @@ Tables
   baselines  image-only and text-only linear probes and late fusion (MLP; 100 epochs on the cached features, and
              the same epochs as the others) on frozen pooled features; plain deep
              prompts (VPT-deep, same prompt tokens, no conditioning); MoPE without experts (static + mapped prompts);
-             MoPE; LoRA on both towers and full fine-tuning (both with the late-fusion MLP head, behind a layer
-             norm).
+             MoPE; PMF-style prompt fusion (``pmf.py``: query, query-context and fusion-context prompts and
+             translators in the last 2 blocks of each tower, two averaged heads); LoRA on both towers and full
+             fine-tuning (both with the late-fusion MLP head, behind a layer norm).
   scaling    MoPE expert scaling (K in 1, 2, 4, 8 at l=6) against prompt-length scaling (l in 6, 12, 24, 48 at K=1).
 """
 
@@ -64,6 +65,7 @@ BASELINES = {
     "MoPE, no experts": {"kind": "mope", "config": {"num_experts": 0}},
     "MoPE, head on the [CLS] summary": {"kind": "mope", "config": {"head_pooling": "summary"}},
     "MoPE": {"kind": "mope", "config": {}},
+    "PMF-style prompt fusion (N=2)": {"kind": "pmf", "n_fusion_layers": 2},
     "LoRA (r=8, both towers)": {"kind": "lora"},
     "full fine-tuning": {"kind": "full"},
 }
@@ -137,6 +139,11 @@ def build(spec: dict, paths, args) -> tuple[nn.Module, list[dict]]:
     if kind == "mope":
         model = peft.get_peft_model(base_model(paths, args), MoPEConfig(**spec["config"]))
         return model, [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    if kind == "pmf":
+        from pmf import PMF  # a local module beside this one
+
+        model = PMF(base_model(paths, args), n_fusion_layers=spec["n_fusion_layers"])
+        return model, [{"params": model.trainable_parameters()}]
     base = base_model(paths, args, classifier_input="concat")
     fusion_head(base)
     if kind == "lora":
@@ -244,9 +251,9 @@ def write_results(args, rows: list[dict], table: list[dict], total_params: int) 
     lines += [f"| {r['method']} | {r['accuracy_mean']:.3f} +- {r['accuracy_std']:.3f} | {r['trainable']:,} | "
               f"{r['trainable_pct']:.2f} | {r['train_seconds']:.0f} |" for r in table]
     Path(f"{stem}.md").write_text("\n".join(lines) + "\n")
-    from mmexperts.plots import _pyplot
+    from mmexperts.plots import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 0.45 * len(table) + 1.5), layout="constrained")
     names = [r["method"] for r in table][::-1]
     ax.barh(names, [r["accuracy_mean"] for r in table][::-1], xerr=[r["accuracy_std"] for r in table][::-1],
@@ -269,6 +276,8 @@ def main(argv=None) -> None:
         rows = [{**row, "seed": int(row["seed"]), "accuracy": float(row["accuracy"]),
                  "trainable": int(row["trainable"]), "seconds": float(row["seconds"])}
                 for path in args.rows_from for row in csv.DictReader(open(path))]
+        order = {name: i for i, name in enumerate(TABLES[args.table])}  # the table's row order, then the others
+        rows.sort(key=lambda row: (order.get(row["method"], len(order)), row["seed"]))
         args.seeds = sorted({row["seed"] for row in rows})
         total_params = tower_parameters(base_model(paths, args))
         write_results(args, rows, summarize(rows, total_params), total_params)
