@@ -23,9 +23,13 @@ from .atomic import write_file_atomic
 TEMPLATES = Path(__file__).parent / "model_cards"
 LIBRARY_TAG = "mmexperts"
 BACKBONE_REPORT = "report.json"  # written by mmexperts.offline.backbones next to the synthetic towers it builds
-PROBE_NOTE = ("`vision_only_*` and `text_only_*` are single-modality baselines: a linear probe fitted on the pooled "
+PROBE_NOTE = ("`{a}_only_*` and `{b}_only_*` are single-modality baselines: a linear probe fitted on the pooled "
               "features of one frozen tower alone (adapter disabled, no fusion), trained on the training split and "
               "scored on the same evaluation split as the adapter.")
+PROBED_TOWERS = ("vision", "text", "modality_a", "modality_b")  # `<tower>_only_<metric>` keys of the probes
+# Config entries the snippet that rebuilds a base from its config leaves out: bookkeeping, or derived from id2label.
+UNSHOWN_CONFIG_KEYS = ("transformers_version", "model_type", "architectures", "_name_or_path", "label2id")
+SIZE_CONFIG_KEYS = ("feature_dim_a", "feature_dim_b", "hidden_size", "num_hidden_layers")  # always shown, first
 
 
 def _is_local(name: str) -> bool:
@@ -66,10 +70,31 @@ def _import_line(cls: type) -> str:
     return f"from {cls.__module__} import {cls.__name__}"
 
 
-def _base_snippet(base, names: dict[str, str]) -> str:
-    """Python lines that rebuild the base model exactly as the adapter needs it, defining ``vision``, ``text`` (the
-    towers' processor and tokenizer sources) and ``base``."""
+def _config_snippet(base, seed: int) -> str:
+    """Python lines that rebuild a base built from its config with random weights (a frozen feature encoder) from the
+    torch seed it was drawn from: its sizes and the config's other fields that differ from their defaults, then the
+    same draw."""
     cls, config = type(base), base.config
+    defaults = type(config)().to_dict()
+    fields = {key: value for key, value in config.to_diff_dict().items() if key not in UNSHOWN_CONFIG_KEYS
+              and (key in SIZE_CONFIG_KEYS or defaults.get(key) != value)}
+    fields = {**{key: fields[key] for key in SIZE_CONFIG_KEYS if key in fields}, **fields}
+    imports = [_import_line(cls), _import_line(type(config))]
+    if all(line.startswith("from mmexperts import ") for line in imports):
+        imports = [f"from mmexperts import {type(config).__name__}, {cls.__name__}"]
+    return "\n".join([*imports, "",
+                      f"torch.manual_seed({seed})  # the frozen towers are random: this seed and config draw them",
+                      f"base = {cls.__name__}({type(config).__name__}(" + ",".join(
+                          f"\n    {key}={value!r}" for key, value in fields.items()) + "))"])
+
+
+def _base_snippet(base, names: dict[str, str], base_seed: int | None = None) -> str:
+    """Python lines that rebuild the base model exactly as the adapter needs it, defining ``base`` and, for towers
+    loaded from folders or the Hub, ``vision`` and ``text`` (the towers' processor and tokenizer sources). A base
+    built from its config with random weights is drawn again from ``base_seed``."""
+    cls, config = type(base), base.config
+    if not names and base_seed is not None:
+        return _config_snippet(base, base_seed)
     lines = [_import_line(cls), ""]
     if "base" in names:
         lines += [f"vision = text = {names['base']!r}",
@@ -94,23 +119,31 @@ def _metric_rows(metrics: dict) -> list[tuple[str, object]]:
     """The card's evaluation rows; single-modality figures are marked as frozen linear probes."""
     rows = []
     for key, value in metrics.items():
-        tower = next((t for t in ("vision", "text") if key.startswith(f"{t}_only_")), None)
-        rows.append((f"{key} (frozen linear probe, {tower} tower alone)" if tower else key, value))
+        tower = next((t for t in PROBED_TOWERS if key.startswith(f"{t}_only_")), None)
+        rows.append((f"{key} (frozen linear probe, {tower.replace('_', ' ')} tower alone)" if tower else key, value))
     return rows
+
+
+def _probe_note(metrics: dict) -> str:
+    """The note under the evaluation table when it holds single-modality probes, naming their towers."""
+    probed = [tower for tower in PROBED_TOWERS if any(key.startswith(f"{tower}_only_") for key in metrics)]
+    return PROBE_NOTE.format(a=probed[0], b=probed[-1]) if probed else ""
 
 
 def write_model_card(model: PeftModel, folder: str | os.PathLike, repo_id: str | None = None,
                      adapter_name: str = "default", dataset: str | None = None, metrics: dict | None = None,
                      routing_plot: str | None = None, tags: list[str] | None = None,
                      adapter_path: str | None = None, for_hub: bool = False,
-                     plots: list[str] | None = None) -> ModelCard:
+                     plots: list[str] | None = None, base_seed: int | None = None) -> ModelCard:
     """Render the method's card template over the README that PEFT wrote into ``folder`` (keeping its metadata).
 
     ``base_model`` names what the base was built from (its Hub ids, or local folders as absolute paths; for the Hub,
     ``for_hub=True``, local paths stay out of the metadata, which takes model ids only, and are named in the text).
     "How to use" rebuilds that base and loads the adapter from ``adapter_path`` (default: ``repo_id``, else
     ``folder``), and runs as written. ``routing_plot`` and ``plots`` name PNG files in ``folder`` that the card shows
-    (the template decides where: MoPE and S3 show the routing plot, Alt-MoE its plots).
+    (the template decides where: MoPE and S3 show the routing plot, Alt-MoE its plots). ``base_seed``: the torch
+    seed a base built from its config with random weights (the recipe's frozen feature towers) was drawn from; the
+    card then rebuilds it from that seed and its config, and feeds it feature sequences.
     """
     config = model.peft_config[adapter_name]
     method = config.peft_type.value.lower()
@@ -131,17 +164,25 @@ def write_model_card(model: PeftModel, folder: str | os.PathLike, repo_id: str |
     skipped = {"peft_type", "task_type", "auto_mapping", "revision", "inference_mode", "target_modules"}
     rows = [(k, v) for k, v in sorted(config.to_dict().items()) if k not in skipped and v is not None]
     described = {"base": "Base model", "vision": "Vision tower", "text": "Text tower"}
+    base = model.get_base_model()
+    drawn = not names and base_seed is not None
     base_lines = [f"- {described[key]}: {_describe(name)}" for key, name in names.items()] or [
-        "- Base model: not recorded (a model built from configs)"]
+        f"- Base model: `{type(base).__name__}`, frozen towers with random weights drawn from torch seed {base_seed} "
+        "(the snippet below draws them again)" if drawn else "- Base model: not recorded (a model built from configs)"]
+    feature_dims = [getattr(base.config, f"feature_dim_{m}", None) for m in ("a", "b")]
+    feature_inputs = (f'inputs = {{"features_a": torch.randn(1, 8, {feature_dims[0]}),  # your feature sequences '
+                      f'(batch, steps, dim)\n          "features_b": torch.randn(1, 8, {feature_dims[1]})}}'
+                      if None not in feature_dims else "")
     if adapter_path is None:
         adapter_path = repo_id or str(Path(folder).resolve())
     card = ModelCard.from_template(
         card_data, template_path=str(TEMPLATES / f"{method}.md"),
         model_name=repo_id or f"{method} adapter", repo_id=repo_id or "path/to/adapter",
         base_model=", ".join(names.values()), base_lines="\n".join(base_lines),
-        load_base=_base_snippet(model.get_base_model(), names), adapter_literal=repr(str(adapter_path)),
+        load_base=_base_snippet(base, names, base_seed), adapter_literal=repr(str(adapter_path)),
+        feature_inputs=feature_inputs,
         dataset=dataset, metrics=dict(_metric_rows(metrics or {})),
-        probe_note=PROBE_NOTE if any("_only_" in key for key in metrics or {}) else "",
+        probe_note=_probe_note(metrics or {}),
         routing_plot=routing_plot, plots=list(plots or []), config_rows=rows,
         trainable_parameters=f"{trainable:,} of {total:,} ({100 * trainable / max(total, 1):.2f}%)",
         prompted_tower=getattr(config, "prompted_tower", ""),
@@ -155,10 +196,12 @@ def write_model_card(model: PeftModel, folder: str | os.PathLike, repo_id: str |
 def push_adapter_to_hub(model: PeftModel, repo_id: str, *, commit_message: str | None = None,
                         private: bool | None = None, token: str | None = None, revision: str | None = None,
                         create_pr: bool = False, tags: list[str] | None = None, dataset: str | None = None,
-                        metrics: dict | None = None, extra_files: dict | None = None, **save_kwargs):
+                        metrics: dict | None = None, extra_files: dict | None = None, base_seed: int | None = None,
+                        **save_kwargs):
     """Save with PEFT, render the method's model card, and upload the folder in one commit.
 
-    ``extra_files`` maps names in the repo to local files (e.g. a routing plot) uploaded alongside.
+    ``extra_files`` maps names in the repo to local files (e.g. a routing plot) uploaded alongside; ``base_seed`` as
+    in :func:`write_model_card`.
     """
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
@@ -172,6 +215,6 @@ def push_adapter_to_hub(model: PeftModel, repo_id: str, *, commit_message: str |
         routing_plot = "routing.png" if "routing.png" in plots else next(iter(plots), None)
         adapter_name = "default" if "default" in model.peft_config else next(iter(model.peft_config))
         write_model_card(model, folder, repo_id, adapter_name, dataset, metrics, routing_plot, tags, for_hub=True,
-                         plots=plots)
+                         plots=plots, base_seed=base_seed)
         return api.upload_folder(repo_id=repo_id, folder_path=folder, token=token, revision=revision,
                                  create_pr=create_pr, commit_message=commit_message or "Upload mmexperts adapter")

@@ -1,4 +1,5 @@
-"""Batch rows of a prepared task (PIL images, texts, labels) into model tensors, for a plain ``DataLoader``."""
+"""Batch rows of a prepared task into model tensors, for a plain ``DataLoader``: images, texts and targets
+(``MultimodalCollator``) or two feature sequences and a label (``FeatureCollator``)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,12 @@ from typing import Any
 import torch
 from PIL import Image as PILImage
 
+from ..errors import DataError
 from .tasks import MULTI_LABEL, RETRIEVAL, SINGLE_LABEL, TASK_TYPES
+
+# A feature task's columns and the model inputs they become; ``task_id`` is optional (multi-task S3 adapters).
+FEATURE_COLUMNS = {"modality_a": "features_a", "modality_b": "features_b", "label": "labels", "task_id": "task_ids"}
+REQUIRED_FEATURE_COLUMNS = ("modality_a", "modality_b", "label")
 
 
 class MultimodalCollator:
@@ -96,6 +102,40 @@ class MultimodalCollator:
         return labels
 
 
+class FeatureCollator:
+    """``collate_fn`` for feature-sequence classification rows (``"synthetic:factors"``, ``"multibench:<name>"``):
+    ``modality_a`` and ``modality_b`` (seq_len, dim) arrays, a class id ``label`` and, where present, ``task_id``.
+
+    Returns ``features_a`` and ``features_b`` (float32, (B, seq_len, dim)), ``labels`` (long, (B,)) and ``task_ids``
+    (long, (B,)) when the rows have them: the inputs of ``FeatureEncoderForClassification``. Rows may hold tensors
+    (``with_format("torch")``), numpy arrays or nested lists.
+    """
+
+    DTYPES = {"modality_a": torch.float32, "modality_b": torch.float32, "label": torch.long, "task_id": torch.long}
+
+    def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        if len(rows) == 0:
+            raise ValueError("cannot collate an empty batch")
+        columns = [*REQUIRED_FEATURE_COLUMNS, *(["task_id"] if "task_id" in rows[0] else [])]
+        for i, row in enumerate(rows):
+            missing = [column for column in columns if column not in row]
+            if missing:
+                raise DataError(f"row {i} of the batch has no {', '.join(map(repr, missing))} column; a feature task's "
+                                f"rows have {', '.join(REQUIRED_FEATURE_COLUMNS)} (and optionally task_id), this one "
+                                f"has: {', '.join(map(str, row)) or 'nothing'}. Load it with load_task("
+                                "'synthetic:factors') or 'multibench:<name>', or batch image and text rows with "
+                                "MultimodalCollator.")
+        batch = {}
+        for column in columns:
+            values = [torch.as_tensor(row[column], dtype=self.DTYPES[column]) for row in rows]
+            shapes = {tuple(value.shape) for value in values}
+            if len(shapes) > 1:
+                raise DataError(f"the batch's {column!r} values differ in shape ({sorted(shapes)}); a feature task "
+                                "has one (seq_len, dim) per modality: pad or crop its sequences to one length.")
+            batch[FEATURE_COLUMNS[column]] = torch.stack(values)
+        return batch
+
+
 def _rgb(image: Any, position: int) -> PILImage.Image:
     """A PIL image in RGB; undecoded ``{"bytes", "path"}`` dicts and paths are opened."""
     if isinstance(image, Mapping):
@@ -110,4 +150,4 @@ def _rgb(image: Any, position: int) -> PILImage.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-__all__ = ["MultimodalCollator"]
+__all__ = ["FEATURE_COLUMNS", "FeatureCollator", "MultimodalCollator"]

@@ -9,10 +9,14 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from ..data.builtin import FACTOR_TASK, MULTIBENCH_PREFIX
 from ..data.loading import load_task
+from ..data.multibench import load_multibench
 from ..docstrings import document_fields
-from ..errors import ConfigError
-from .methods import CACHED_FEATURE_METHODS, METHODS
+from ..errors import ConfigError, MMExpertsError
+from ..modeling import FeatureEncoderConfig
+from ..offline.factors import build_factor_dataset
+from .methods import CACHED_FEATURE_METHODS, METHODS, method_config
 
 MAPPING_FIELDS = ("method_config", "dataset_config")  # YAML mappings of keyword arguments
 DATASET_ARGUMENTS = tuple(p.name for p in inspect.signature(load_task).parameters.values()
@@ -22,6 +26,23 @@ SYNTHETIC_BACKBONES = "synthetic"
 REAL_TOWERS = "real"
 AUTO_TOWERS = "auto"
 TOWER_CHOICES = (AUTO_TOWERS, SYNTHETIC_BACKBONES, REAL_TOWERS)
+
+# Feature-sequence tasks train on frozen random feature towers (FeatureEncoderForClassification). S3 reads any
+# tower's output tokens; the other methods cannot, for the reason given.
+FEATURE_TASK_METHODS = ("s3",)
+NOT_FOR_FEATURE_TASKS = {
+    "mope": "MoPE prompts the towers' self-attention through its query/key/value layers, which the feature towers' "
+            "fused attention does not have",
+    "altmoe": "Alt-MoE aligns two towers on a retrieval task, and a feature task is classification"}
+# The keyword arguments of a feature task's loader that --dataset_config may set (the others are TrainConfig fields).
+FEATURE_LOADER_ARGUMENTS = {
+    FACTOR_TASK: (build_factor_dataset, ("num_train", "num_validation", "num_test", "seed", "return_latents")),
+    MULTIBENCH_PREFIX: (load_multibench, ("name", "data_dir"))}
+
+
+def is_feature_task(dataset: str) -> bool:
+    """Whether ``load_task(dataset)`` gives feature-sequence rows (``modality_a``, ``modality_b``, ``label``)."""
+    return dataset == FACTOR_TASK or dataset.startswith(MULTIBENCH_PREFIX)
 
 
 @document_fields
@@ -75,7 +96,14 @@ class TrainConfig:
         "help": "Folder of the cached tower features (one subfolder per towers + data); default: "
                 "$MMEXPERTS_CACHE/features or ~/.cache/mmexperts/features."})
     classifier_input: str | None = field(default=None, metadata={
-        "help": "Features the head reads: 'vision', 'text' or 'concat'; default: the method's choice."})
+        "help": "Features the head reads: 'vision', 'text' or 'concat'; default: the method's choice. Feature tasks: "
+                "always both towers (leave it unset)."})
+    feature_hidden_size: int = field(default=40, metadata={
+        "help": "Feature tasks (synthetic:factors, multibench:<name>): width of each frozen random feature tower "
+                "(FeatureEncoderForClassification, its input widths read from the data), a multiple of its 4 "
+                "attention heads; 40 as in the S3 sweep."})
+    feature_layers: int = field(default=1, metadata={
+        "help": "Feature tasks: transformer blocks per frozen random feature tower; 1 as in the S3 sweep."})
     max_length: int = field(default=64, metadata={"help": "Maximum text length in tokens."})
     output_dir: str = field(default="outputs/mope-synthetic", metadata={
         "help": "Where everything goes: adapter/, best/, checkpoints/, metrics.json (printed at the start and end)."})
@@ -124,7 +152,7 @@ class TrainConfig:
                 raise ConfigError(name, f"--{name} must be >= 1 (or left unset), got {getattr(self, name)}.")
         positive = ("train_size", "eval_size", "batch_size", "eval_batch_size", "gradient_accumulation_steps",
                     "logging_steps", "eval_steps", "save_steps", "max_length", "save_total_limit",
-                    "max_nonfinite_in_a_row")
+                    "max_nonfinite_in_a_row", "feature_hidden_size", "feature_layers")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"--{name} must be >= 1, got {getattr(self, name)}.")
@@ -137,6 +165,11 @@ class TrainConfig:
                                            f"{self.max_steps}, --num_epochs {self.num_epochs}).")
         if self.method not in METHODS:
             raise ConfigError("method", f"Unknown method {self.method!r} (--method); available: {sorted(METHODS)}.")
+        if self.feature_task and self.method not in FEATURE_TASK_METHODS:
+            raise ConfigError("method", f"--method {self.method} cannot train --dataset {self.dataset}, a "
+                                        f"feature-sequence task on frozen random feature towers: "
+                                        f"{NOT_FOR_FEATURE_TASKS.get(self.method, 'it does not attach to them')}. "
+                                        f"Feature tasks train with --method {' or '.join(FEATURE_TASK_METHODS)}.")
         if self.cache_features is None:
             self.cache_features = self.method in CACHED_FEATURE_METHODS
         elif self.cache_features and self.method not in CACHED_FEATURE_METHODS:
@@ -149,8 +182,10 @@ class TrainConfig:
         if self.push_to_hub and not self.hub_model_id:
             raise ConfigError("hub_model_id", "--push_to_hub needs --hub_model_id user/repo.")
         if self.data_dir is not None and not os.path.exists(self.data_dir):
+            holds = "the MultiBench pickle (or the .pkl file itself)" if self.feature_task else \
+                "the images and train.jsonl / validation.jsonl / test.jsonl (or .csv)"
             raise ConfigError("data_dir", f"--data_dir {self.data_dir}: no such folder. Give the folder that holds "
-                                          "the images and train.jsonl / validation.jsonl / test.jsonl (or .csv).")
+                                          f"{holds}.")
         if self.dataset == "local" and self.data_dir is None:
             raise ConfigError("data_dir", "--dataset local needs --data_dir: the folder that holds the images and "
                                           "train.jsonl / validation.jsonl / test.jsonl (or .csv).")
@@ -170,6 +205,48 @@ class TrainConfig:
             raise ConfigError("dataset_config", f"--dataset_config sets {clash}, which TrainConfig fields set; use "
                                                 "--train_size, --eval_size, --seed, --image_size, --data_dir, "
                                                 "--strict_data or --max_train_rows.")
+        try:
+            method_config(self.method, self.method_kwargs)
+        except MMExpertsError:
+            raise
+        except ValueError as error:
+            raise ConfigError("method_config", f"--method_config {self.method_config} does not fit --method "
+                                               f"{self.method} ({error.__cause__ or error}). A config file's "
+                                               "method_config belongs to its method: with another --method, pass "
+                                               "--config none or that method's config file, or set --method_config."
+                              ) from None
+        self._check_feature_task()
+
+    def _check_feature_task(self) -> None:
+        """A feature task: no --classifier_input, towers its attention heads divide, --data_dir for MultiBench and
+        only the keyword arguments its loader takes in --dataset_config."""
+        if not self.feature_task:
+            return
+        if self.classifier_input is not None:
+            raise ConfigError("classifier_input", f"--classifier_input {self.classifier_input}: the head of a feature "
+                                                  f"task (--dataset {self.dataset}) always reads both feature towers; "
+                                                  "drop --classifier_input.")
+        heads = FeatureEncoderConfig().num_attention_heads
+        if self.feature_hidden_size % heads:
+            raise ConfigError("feature_hidden_size", f"--feature_hidden_size must be a multiple of the feature "
+                                                     f"towers' {heads} attention heads, got "
+                                                     f"{self.feature_hidden_size}; e.g. 40.")
+        if self.dataset.startswith(MULTIBENCH_PREFIX) and self.data_dir is None:
+            raise ConfigError("data_dir", f"--dataset {self.dataset} reads a MultiBench feature pickle: pass "
+                                          "--data_dir with its folder (or the .pkl file itself).")
+        loader, set_here = FEATURE_LOADER_ARGUMENTS[FACTOR_TASK if self.dataset == FACTOR_TASK else MULTIBENCH_PREFIX]
+        accepted = sorted(set(inspect.signature(loader).parameters) - set(set_here))
+        unknown = sorted(set(self.dataset_kwargs) - set(accepted))
+        if unknown:
+            raise ConfigError("dataset_config", f"--dataset_config sets {unknown}, which {loader.__name__} "
+                                                f"(--dataset {self.dataset}) does not take; it takes {accepted}. A "
+                                                "config file's dataset_config belongs to its dataset: with another "
+                                                "--dataset, pass --config none or set --dataset_config.")
+
+    @property
+    def feature_task(self) -> bool:
+        """Whether the dataset is a feature-sequence task (see ``is_feature_task``)."""
+        return is_feature_task(self.dataset)
 
     @property
     def method_kwargs(self) -> dict:

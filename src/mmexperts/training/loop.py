@@ -29,14 +29,15 @@ from transformers import AutoImageProcessor, AutoTokenizer, VisionTextDualEncode
 from ..altmoe.config import DIRECTIONS
 from ..altmoe.layer import BRANCHES
 from ..atomic import atomic_directory, commit_directory, recover_directory, staging_path, write_file_atomic
-from ..data.collate import MultimodalCollator
+from ..data.collate import FEATURE_COLUMNS, FeatureCollator, MultimodalCollator
 from ..data.loading import load_task
 from ..errors import CheckpointError, ConfigError
 from ..hub import push_adapter_to_hub, write_model_card
 from ..metrics import compute_metrics
-from ..modeling import VisionTextModelForClassification
+from ..modeling import FeatureEncoderConfig, FeatureEncoderForClassification, VisionTextModelForClassification
 from ..plots import plot_class_usage, plot_direction_usage, plot_recall, plot_routing
 from ..retrieval import VectorStore, retrieval_recall
+from ..s3.protocol import probe_features
 from .alternating import DirectionSchedule
 from .checkpoint import (
     STATE_FILE,
@@ -130,6 +131,21 @@ class Trainer:
                                    + (f" ({'; '.join(notes)})" if notes else ""))
         return resolved["vision"], resolved["text"]
 
+    def _feature_encoder(self) -> FeatureEncoderForClassification:
+        """The frozen feature towers of a feature task, random, sized from the data and drawn from the run's seed (the
+        model card's snippet draws them again from that seed and their config)."""
+        config, split = self.config, self.task.dataset["train"]
+        (steps_a, dim_a), (steps_b, dim_b) = (split.features[column].shape for column in ("modality_a", "modality_b"))
+        torch.manual_seed(config.seed)
+        base = FeatureEncoderForClassification(FeatureEncoderConfig(
+            feature_dim_a=dim_a, feature_dim_b=dim_b, hidden_size=config.feature_hidden_size,
+            num_hidden_layers=config.feature_layers, id2label=dict(enumerate(self.task.label_names)),
+            problem_type=self.task.task_type))
+        self.accelerator.print(f"Feature towers: frozen, random (torch seed {config.seed}), sized from the data: "
+                               f"modality_a {steps_a}x{dim_a}, modality_b {steps_b}x{dim_b}, each "
+                               f"{config.feature_layers} block(s) of width {config.feature_hidden_size}")
+        return base
+
     def _tower_kwargs(self) -> dict:
         """``from_vision_text_pretrained`` keyword arguments that truncate the towers."""
         config = self.config
@@ -180,7 +196,8 @@ class Trainer:
                 f"{config.save_total_limit} kept; --resume_from_checkpoint latest continues from them)\n"
                 f"  metrics                      {where / 'metrics.json'}")
         self.writer_pid = broadcast_object_list([os.getpid()])[0]  # names the checkpoint staging folders
-        vision_path, text_path = self._backbones()
+        self.feature_task = config.feature_task  # frozen random feature towers instead of image and text towers
+        vision_path, text_path = (None, None) if self.feature_task else self._backbones()
         with accelerator.main_process_first():
             self.task = load_task(config.dataset, data_dir=config.data_dir, train_size=config.train_size,
                                   eval_size=config.eval_size, seed=config.seed, image_size=config.image_size,
@@ -214,7 +231,9 @@ class Trainer:
             logger.warning("Dropped bad rows: %s (listed in %s)", report, dropped_file)
         self.multi_label = self.task.task_type == "multi_label_classification"
         peft_config = method_config(config.method, config.method_kwargs)
-        if self.retrieval:  # two towers, no head: the adapter aligns their embeddings
+        if self.feature_task:
+            self.base = self._feature_encoder()
+        elif self.retrieval:  # two towers, no head: the adapter aligns their embeddings
             # transformers warns that the dual encoder's projections are "newly initialized ... TRAIN this model":
             # expected here (Alt-MoE trains its own projections), so exactly that message is dropped, around this call
             dual_encoder_logger = logging.getLogger(VisionTextDualEncoderModel.__module__)
@@ -239,14 +258,21 @@ class Trainer:
             warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
                                     category=FutureWarning)
             self.model = peft.get_peft_model(self.base, peft_config)
-        native = getattr(self.base.vision_model.config, "image_size", None)
-        resized = config.vision_image_size is not None and config.vision_image_size != native
-        self.collator = MultimodalCollator(AutoTokenizer.from_pretrained(text_path), self._image_processor(vision_path),
-                                           task_type=self.task.task_type, max_length=config.max_length,
-                                           num_labels=len(self.task.label_names) or None,
-                                           model_kwargs={"interpolate_pos_encoding": True} if resized else None)
         train_split = self.task.dataset["train"]
         eval_split = self.task.dataset["validation" if "validation" in self.task.dataset else "test"]
+        if self.feature_task:  # rows read as tensors, batched into features_a, features_b, labels
+            self.collator = FeatureCollator()
+            columns = [column for column in FEATURE_COLUMNS if column in train_split.column_names]
+            train_split = train_split.with_format("torch", columns=columns)
+            eval_split = eval_split.with_format("torch", columns=columns)
+        else:
+            native = getattr(self.base.vision_model.config, "image_size", None)
+            resized = config.vision_image_size is not None and config.vision_image_size != native
+            self.collator = MultimodalCollator(
+                AutoTokenizer.from_pretrained(text_path), self._image_processor(vision_path),
+                task_type=self.task.task_type, max_length=config.max_length,
+                num_labels=len(self.task.label_names) or None,
+                model_kwargs={"interpolate_pos_encoding": True} if resized else None)
         if self.retrieval:  # one example per (image, caption) pair: every caption of every image
             train_split = CaptionPairs(train_split)
         self.train_loader = DataLoader(train_split, batch_size=config.batch_size, shuffle=True, drop_last=True,
@@ -466,17 +492,31 @@ class Trainer:
 
     # ---- results -----------------------------------------------------------------------------------------------
     def unimodal_baselines(self) -> dict[str, float]:
-        """Scores of linear probes on each frozen tower alone (the base model with the adapter disabled)."""
+        """Scores of linear probes on each frozen tower alone (the base model with the adapter disabled): vision and
+        text, or a feature task's modality_a and modality_b."""
         model = self.accelerator.unwrap_model(self.model)
-        with model.disable_adapter():
-            train_features, train_labels = pooled_features(model, self.probe_loaders[0])
-            eval_features, eval_labels = pooled_features(model, self.probe_loaders[1])
+        if self.feature_task:  # the feature encoder's pooled towers, side by side: one half per modality
+            (train_x, train_labels, _), (eval_x, eval_labels, _) = (probe_features(model, loader, adapter=False)
+                                                                    for loader in self.probe_loaders)
+            modalities, width = ("modality_a", "modality_b"), self.base.config.hidden_size
+            train_features, eval_features = ({m: x[:, i * width:(i + 1) * width] for i, m in enumerate(modalities)}
+                                             for x in (train_x, eval_x))
+        else:
+            modalities = ("vision", "text")
+            with model.disable_adapter():
+                train_features, train_labels = pooled_features(model, self.probe_loaders[0])
+                eval_features, eval_labels = pooled_features(model, self.probe_loaders[1])
         scores = {}
-        for modality in ("vision", "text"):
+        for modality in modalities:
             logits = fit_linear_probe(train_features[modality], train_labels, eval_features[modality],
                                       self.multi_label, len(self.task.label_names), seed=self.config.seed)
             scores[modality] = compute_metrics(logits.numpy(), eval_labels.numpy(), self.multi_label)[self.main_metric]
         return scores
+
+    @property
+    def base_seed(self) -> int | None:
+        """The torch seed the frozen random feature towers were drawn from (None for pretrained towers)."""
+        return self.config.seed if self.feature_task else None
 
     def write_plots(self, model, metrics: dict, routing: np.ndarray | None, labels: np.ndarray | None) -> dict:
         """The final evaluation's plots in adapter/, as {file name: path}: MoPE routing per block and class, S3 concept
@@ -532,13 +572,13 @@ class Trainer:
             for name, shown, listed in (("adapter", card_metrics, list(plots)), ("best", best_metrics, [])):
                 write_model_card(model, self.output_dir / name, config.hub_model_id, dataset=config.dataset,
                                  metrics=shown, routing_plot="routing.png" if "routing.png" in listed else None,
-                                 plots=listed,
+                                 plots=listed, base_seed=self.base_seed,
                                  adapter_path=str((self.output_dir / name).resolve()))  # the snippet loads it there
             write_file_atomic(self.output_dir / "metrics.json", json.dumps(results, indent=2))
             print(results_table(results))
             if config.push_to_hub:
                 push_adapter_to_hub(model, config.hub_model_id, dataset=config.dataset, metrics=card_metrics,
-                                    extra_files=plots or None)
+                                    extra_files=plots or None, base_seed=self.base_seed)
             where = self.output_dir.resolve()
             checkpoints = list_checkpoints(where / "checkpoints")
             lines = [f"Wrote to {where}:",

@@ -49,6 +49,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..atomic import recover_directory, write_file_atomic
+from ..data.collate import FEATURE_COLUMNS, FeatureCollator
 from ..docstrings import document_fields
 from ..errors import ConfigError, CorruptFileError
 from ..metrics import compute_metrics
@@ -59,7 +60,6 @@ from ..s3.protocol import keep_ratio_table, probe_features, summarize_keep_ratio
 from .engine import Engine, without
 from .probes import fit_linear_probe
 
-FEATURE_COLUMNS = {"modality_a": "features_a", "modality_b": "features_b", "label": "labels", "task_id": "task_ids"}
 CSV_FIELDS = ("seed", "sparsity", "pruned", "active_experts", "validation_accuracy", "test_accuracy", "test_loss")
 CSV_TYPES = {"seed": int, "sparsity": float, "pruned": int, "active_experts": str, "validation_accuracy": float,
              "test_accuracy": float, "test_loss": float}
@@ -203,13 +203,8 @@ def load_feature_data(config: SweepConfig, seed: int):
 def feature_loader(split, batch_size: int, shuffle: bool = False, seed: int = 0) -> DataLoader:
     """Batches of ``features_a``, ``features_b``, ``labels`` (and ``task_ids``) from a feature-data split."""
     columns = [c for c in FEATURE_COLUMNS if c in split.column_names]
-    generator = torch.Generator().manual_seed(seed)
-
-    def collate(rows):
-        return {FEATURE_COLUMNS[c]: torch.stack([torch.as_tensor(r[c]) for r in rows]) for c in columns}
-
     return DataLoader(split.with_format("torch", columns=columns), batch_size=batch_size, shuffle=shuffle,
-                      generator=generator, collate_fn=collate)
+                      generator=torch.Generator().manual_seed(seed), collate_fn=FeatureCollator())
 
 
 def feature_encoder(data, config: SweepConfig) -> FeatureEncoderForClassification:
