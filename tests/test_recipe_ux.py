@@ -87,6 +87,16 @@ def test_precedence_defaults_then_config_file_then_flags(tmp_path):
     assert parse_config(["--max_steps", "5"]) == TrainConfig(max_steps=5)  # the library default: no file
 
 
+def test_another_method_without_config_starts_from_the_defaults_not_the_demo(tmp_path):
+    assert yaml.safe_load(DEMO.read_text())["method"] == "mope"
+    config = parse_config(["--method", "s3", "--dataset", "synthetic:factors"], default_config=DEMO)
+    assert config == TrainConfig(method="s3", dataset="synthetic:factors")  # no MoPE settings under an S3 run
+    assert parse_config(["--method=s3"], default_config=DEMO) == TrainConfig(method="s3")
+    assert parse_config(["--method", "mope", "--max_steps", "5"], default_config=DEMO).method_kwargs == \
+        yaml.safe_load(DEMO.read_text())["method_config"]  # the demo's own method keeps the demo config
+    given = parse_config(["--config", str(DEMO), "--method", "mope"], default_config=None)
+    assert given.method_kwargs == yaml.safe_load(DEMO.read_text())["method_config"]
+
 def test_the_recipe_starts_from_the_demo_config(monkeypatch):
     recipe = load_recipe_module()
     seen = []

@@ -19,7 +19,8 @@ from .config import TrainConfig
 
 NO_CONFIG = "none"  # --config none: start from the dataclass's defaults alone
 PRECEDENCE = ("Precedence, lowest first: {name}'s defaults < the config file (--config FILE; {default}) < "
-              "command-line flags. '--config {none}' starts from {name}'s defaults alone.")
+              "command-line flags. '--config {none}' starts from {name}'s defaults alone; so does a --method other "
+              "than the default file's, given without --config.")
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -58,6 +59,16 @@ def _as_flag_value(value):
     if isinstance(value, list):
         return ",".join(map(str, value))
     return value
+
+
+def _other_method(argv: list[str], default_config: Path) -> bool:
+    """Whether ``argv`` sets ``--method`` to another method than the default config file's."""
+    method = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--method"), None)
+    method = next((a.partition("=")[2] for a in argv if a.startswith("--method=")), method)
+    if method is None or not default_config.is_file():
+        return False
+    values = yaml.safe_load(default_config.read_text()) or {}
+    return isinstance(values, dict) and "method" in values and values["method"] != method
 
 
 def _read_config_file(path: Path, config_class: type) -> dict:
@@ -119,14 +130,15 @@ def parse_config(argv: list[str] | None = None, default_config: str | os.PathLik
     """A ``config_class`` (``TrainConfig`` by default) from command-line arguments, by one precedence rule (lowest
     first): the dataclass's defaults < the config file < flags.
 
-    The config file is ``--config FILE``, else ``default_config`` (the recipe passes its demo config); ``--config
-    none`` uses no file. Any ``--field value`` overrides the file. A bad value raises ``ConfigError`` naming the flag,
+    The config file is ``--config FILE``, else ``default_config`` (the recipe passes its demo config) unless the
+    command line names another ``--method`` than that file (its method's settings would not fit); ``--config none``
+    uses no file. Any ``--field value`` overrides the file. A bad value raises ``ConfigError`` naming the flag,
     a missing config file ``FileNotFoundError``.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     chosen = _config_argument(argv)
-    if chosen is None:
-        chosen = None if default_config is None else str(default_config)
+    if chosen is None and default_config is not None and not _other_method(argv, Path(default_config)):
+        chosen = str(default_config)
     if chosen is not None and chosen.lower() == NO_CONFIG:
         chosen = None
     parser = build_parser(default_config, chosen, config_class)
