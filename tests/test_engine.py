@@ -148,3 +148,21 @@ def test_schedule_warms_up_linearly_then_decays_by_cosine_or_stays():
     assert {constant(s) for s in range(4, 40)} == {1.0}
     with pytest.raises(ValueError, match="decay must be one of"):
         schedule_factor(10, 1, "linear")
+
+
+def test_an_epoch_of_micro_batches_that_accumulation_does_not_divide_is_used_whole():
+    from accelerate import Accelerator
+    from torch.utils.data import DataLoader
+
+    from mmexperts.training.loop import data_position
+
+    accelerator = Accelerator(gradient_accumulation_steps=3, cpu=True)
+    model = torch.nn.Linear(2, 1)
+    loader = accelerator.prepare(DataLoader(torch.randn(10, 2), batch_size=1))  # 10 micro-batches: 3 + 3 + 3 + 1
+    syncs = []
+    for batch in loader:
+        with accelerator.accumulate(model):
+            syncs.append(accelerator.sync_gradients)
+    assert sum(syncs) == 4 and syncs[-1]  # Accelerate ends the accumulation with the data
+    assert [data_position(step, 10, 3) for step in (0, 3, 4, 5, 8)] == [(0, 0), (0, 9), (1, 0), (1, 3), (2, 0)]
+    assert data_position(7, 12, 3) == (1, 9)  # dividing evenly: 4 steps an epoch

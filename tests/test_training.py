@@ -35,11 +35,14 @@ def test_recipe_trains_evaluates_and_writes_everything(backbones, tmp_path, caps
     assert checkpoint and all("mope_" in key or "classifier" in key for key in checkpoint)
 
 
-def test_interrupted_run_resumes_to_the_same_weights(backbones, tmp_path, monkeypatch):
-    train(tiny_config(backbones, tmp_path / "straight"))
-    train_interrupted(tiny_config(backbones, tmp_path / "resumed"), monkeypatch)
+@pytest.mark.parametrize("accumulation", [1, 3])  # 3: an epoch of 8 micro-batches is 3 steps (3 + 3 + 2)
+def test_interrupted_run_resumes_to_the_same_weights(backbones, tmp_path, monkeypatch, accumulation):
+    train(tiny_config(backbones, tmp_path / "straight", gradient_accumulation_steps=accumulation))
+    train_interrupted(tiny_config(backbones, tmp_path / "resumed", gradient_accumulation_steps=accumulation),
+                      monkeypatch)
     assert [p.name for p in list_checkpoints(tmp_path / "resumed" / "checkpoints")] == ["step_3"]
-    train(tiny_config(backbones, tmp_path / "resumed", resume_from_checkpoint="latest"))
+    train(tiny_config(backbones, tmp_path / "resumed", resume_from_checkpoint="latest",
+                      gradient_accumulation_steps=accumulation))
 
     straight = adapter_weights(tmp_path / "straight" / "adapter")
     resumed = adapter_weights(tmp_path / "resumed" / "adapter")

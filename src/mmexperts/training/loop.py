@@ -79,6 +79,15 @@ def check_process_group(accelerator: Accelerator) -> None:
             )
 
 
+def data_position(step: int, micro_batches_per_epoch: int, accumulation: int) -> tuple[int, int]:
+    """(epoch, micro-batches of it already used) after ``step`` optimiser steps. Accelerate ends an accumulation at
+    the end of the data, so an epoch is ``ceil(micro_batches_per_epoch / accumulation)`` steps, its last one shorter
+    when the two do not divide."""
+    steps_per_epoch = math.ceil(micro_batches_per_epoch / accumulation)
+    epoch, within = divmod(step, steps_per_epoch)
+    return epoch, within * accumulation
+
+
 class Trainer:
     """Train one adapter on one task: ``Trainer(config).train()`` returns the final metrics."""
 
@@ -361,7 +370,7 @@ class Trainer:
         self.train_mode()
         while self.state.step < self.max_steps:
             # where the run stands in the data is a function of the step, so a resumed run continues the same batches
-            epoch, skip = divmod(self.state.step * config.gradient_accumulation_steps, micro_per_epoch)
+            epoch, skip = data_position(self.state.step, micro_per_epoch, config.gradient_accumulation_steps)
             self.train_loader.set_epoch(epoch)
             loader = accelerator.skip_first_batches(self.train_loader, skip) if skip else self.train_loader
             engine.run(loader, self.max_steps, progress=progress, callbacks=[self._after_step])
