@@ -9,11 +9,18 @@ import warnings
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="mmexperts-hf-home-")  # tests never touch a real cache
 
+import csv
+import importlib.util
 import json
+import pickle
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
+import peft
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -32,7 +39,7 @@ from transformers import (
 )
 
 import mmexperts  # noqa: F401  (registers the PEFT types)
-from mmexperts import VisionTextModelForClassification
+from mmexperts import AltMoEConfig, VisionTextModelForClassification
 from mmexperts.offline.synthetic import build_tokenizer
 from mmexperts.training import TrainConfig, Trainer, train
 
@@ -224,3 +231,94 @@ def train_interrupted(config: TrainConfig, monkeypatch, step: int = 4) -> None:
     with pytest.raises(KeyboardInterrupt):
         train(config)
     monkeypatch.setattr(Trainer, "on_step_end", original)
+
+
+# ---- shared by several test modules (no test module imports another) ---------------------------------------------
+ALTMOE_WIDTH = 16  # the Alt-MoE connectors' width in `make_altmoe`
+
+
+def make_altmoe(kind: str = "clip", seed: int = 0, **overrides) -> peft.PeftModel:
+    """An Alt-MoE adapter (4 experts, top-2, width ``ALTMOE_WIDTH``, random init drawn from ``seed``) on a tiny base."""
+    settings = dict(num_experts=4, top_k=2, hidden_size=ALTMOE_WIDTH, dropout=0.0, init_weights=False)
+    base = MODEL_FACTORIES[kind]()
+    torch.manual_seed(seed)
+    return peft.get_peft_model(base, AltMoEConfig(**{**settings, **overrides})).eval()
+
+
+AFFECT_STEPS = 10  # MultiBench pads every affect sequence at the front to a fixed length (50 in the real pickles)
+AFFECT_DIMS = {"vision": 5, "audio": 4, "text": 6}
+
+
+def affect_split(rng: np.random.Generator, lengths: list[int], labels: list[float]) -> dict:
+    """One split in MultiBench's layout: (N, T, dim) arrays left-padded with zeros, labels (N, 1, 1), ids."""
+    n, steps = len(lengths), AFFECT_STEPS
+    split = {m: np.zeros((n, steps, d), np.float32) for m, d in AFFECT_DIMS.items()}
+    for i, length in enumerate(lengths):
+        for m, d in AFFECT_DIMS.items():
+            if length:
+                split[m][i, steps - length:] = rng.normal(size=(length, d)) + 3.0
+    split["labels"] = np.asarray(labels, np.float32).reshape(n, 1, 1)
+    split["id"] = np.asarray([f"clip{i}" for i in range(n)])
+    return split
+
+
+def write_affect(folder: Path, file: str, labels: dict[str, list[float]] | None = None) -> dict:
+    """Write a seeded MultiBench affect pickle (train/valid/test, a -inf and a NaN in train) and return its data."""
+    rng = np.random.default_rng(0)
+    labels = labels or {"train": [-1.5, 0.0, 2.0, 0.4, -0.2], "valid": [1.0, -1.0, 3.0], "test": [0.0, 2.6, -2.2]}
+    lengths = {"train": [4, 0, 10, 7, 1], "valid": [3, 5, 12], "test": [6, 2, 8]}  # 12 > T: cut to T
+    data = {s: affect_split(rng, [min(n, AFFECT_STEPS) for n in lengths[s]], labels[s]) for s in labels}
+    data["train"]["audio"][0, -1, 0] = -np.inf  # COVAREP's -inf
+    data["train"]["vision"][0, -2, 1] = np.nan
+    folder.mkdir(exist_ok=True)
+    with open(folder / file, "wb") as f:
+        pickle.dump(data, f)
+    return data
+
+
+TRAIN_RECIPE = ROOT / "recipes" / "train.py"
+
+
+def load_recipe_module():
+    """``recipes/train.py`` imported as a module (to call its ``main`` in-process)."""
+    spec = importlib.util.spec_from_file_location("recipe_train", TRAIN_RECIPE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SWEEP_RECIPE = ROOT / "recipes" / "sweep_s3.py"
+SWEEP_TINY = dict(num_train=64, num_eval=32, sparsities="0,0.25,0.5,0.75", seeds="0,1", num_experts=4, latent_dim=8,
+                  hidden_size=8, epochs=2, finetune_epochs=2, batch_size=32, criterion="gate_mass")
+
+
+def sweep_flags(output_dir: Path, base: dict = SWEEP_TINY, **overrides) -> list[str]:
+    """The S3 sweep recipe's command-line flags for the fields of ``base`` updated by ``overrides``."""
+    values = {**base, **overrides, "output_dir": str(output_dir)}
+    return [item for key, value in values.items() for item in (f"--{key}", str(value))]
+
+
+def start_sweep(output_dir: Path, *extra: str, base: dict = SWEEP_TINY, **overrides) -> subprocess.Popen:
+    """The S3 sweep recipe in a subprocess, without progress bars: the fields of ``base`` updated by ``overrides``."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), TQDM_DISABLE="1", OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, str(SWEEP_RECIPE), *sweep_flags(output_dir, base, **overrides), *extra],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def sweep_rows(output_dir: Path) -> list[dict]:
+    """The rows of ``output_dir/sweep.csv`` as dicts of strings."""
+    with open(output_dir / "sweep.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def kill_sweep_after_first_row(process: subprocess.Popen, output_dir: Path) -> int:
+    """SIGKILL the sweep ``process`` as soon as its CSV holds a row; returns how many rows it holds then."""
+    deadline = time.monotonic() + 240
+    while not ((output_dir / "sweep.csv").exists() and sweep_rows(output_dir)):
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "no row after 240 s"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.communicate(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    return len(sweep_rows(output_dir))  # a complete CSV at any moment: rows are written atomically

@@ -13,17 +13,11 @@ from transformers import CLIPVisionConfig, VisionTextDualEncoderConfig, VisionTe
 from mmexperts import AltMoEConfig, TowerDiscoveryError
 from mmexperts.altmoe.features import CachedFeatures, FeatureConnector, cache_features
 
+from conftest import ALTMOE_WIDTH as WIDTH
 from conftest import HIDDEN, IMAGE_SIZE, bert_config, make_batch, make_clip, make_dual_encoder, make_siglip
+from conftest import make_altmoe as make
 
 FACTORIES = {"clip": make_clip, "dual_encoder": make_dual_encoder, "siglip": make_siglip}
-WIDTH = 16
-
-
-def make(kind: str = "clip", seed: int = 0, **overrides) -> PeftModel:
-    settings = dict(num_experts=4, top_k=2, hidden_size=WIDTH, dropout=0.0, init_weights=False)
-    base = FACTORIES[kind]()
-    torch.manual_seed(seed)
-    return peft.get_peft_model(base, AltMoEConfig(**{**settings, **overrides})).eval()
 
 
 def inputs(seed: int = 0) -> dict:

@@ -7,11 +7,11 @@ import shutil
 
 import pytest
 import torch
-from test_altmoe import make
 
 from mmexperts.training import train
 from mmexperts.training.alternating import DirectionSchedule
 
+from conftest import make_altmoe as make
 from conftest import make_batch, tiny_config, train_on_two_cpu_processes
 
 RETRIEVAL = dict(method="altmoe", dataset="synthetic:retrieval",

@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 from accelerate import Accelerator
-from test_altmoe import make
 from torch import nn
 
 from mmexperts.errors import MMExpertsError, NonFiniteLossError
@@ -15,6 +14,7 @@ from mmexperts.training import alternating, engine
 from mmexperts.training.engine import Engine, adamw_with_schedule, schedule_factor, without
 from mmexperts.training.methods import labelled_inputs, method_hooks, retrieval_inputs
 
+from conftest import make_altmoe as make
 from conftest import make_batch
 
 

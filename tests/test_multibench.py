@@ -16,34 +16,8 @@ import torch
 from mmexperts.data import load_multibench, load_task
 from mmexperts.errors import UnsafePickleError
 
-T = 10  # MultiBench pads every affect sequence at the front to a fixed length (50 in the real pickles)
-DIMS = {"vision": 5, "audio": 4, "text": 6}
-
-
-def _affect_split(rng: np.random.Generator, lengths: list[int], labels: list[float]) -> dict:
-    """One split in MultiBench's layout: (N, T, dim) arrays left-padded with zeros, labels (N, 1, 1), ids."""
-    n = len(lengths)
-    split = {m: np.zeros((n, T, d), np.float32) for m, d in DIMS.items()}
-    for i, length in enumerate(lengths):
-        for m, d in DIMS.items():
-            if length:
-                split[m][i, T - length:] = rng.normal(size=(length, d)) + 3.0
-    split["labels"] = np.asarray(labels, np.float32).reshape(n, 1, 1)
-    split["id"] = np.asarray([f"clip{i}" for i in range(n)])
-    return split
-
-
-def _write_affect(folder: Path, file: str, labels: dict[str, list[float]] | None = None) -> dict:
-    rng = np.random.default_rng(0)
-    labels = labels or {"train": [-1.5, 0.0, 2.0, 0.4, -0.2], "valid": [1.0, -1.0, 3.0], "test": [0.0, 2.6, -2.2]}
-    lengths = {"train": [4, 0, 10, 7, 1], "valid": [3, 5, 12], "test": [6, 2, 8]}  # 12 > T: cut to T
-    data = {s: _affect_split(rng, [min(n, T) for n in lengths[s]], labels[s]) for s in labels}
-    data["train"]["audio"][0, -1, 0] = -np.inf  # COVAREP's -inf
-    data["train"]["vision"][0, -2, 1] = np.nan
-    folder.mkdir(exist_ok=True)
-    with open(folder / file, "wb") as f:
-        pickle.dump(data, f)
-    return data
+from conftest import AFFECT_STEPS as T
+from conftest import write_affect as _write_affect
 
 
 @pytest.fixture

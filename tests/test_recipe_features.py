@@ -9,15 +9,14 @@ import re
 import peft
 import pytest
 import torch
-from test_multibench import _write_affect
-from test_recipe_ux import load_recipe_module
 
 from mmexperts.data import FeatureCollator, load_task
 from mmexperts.errors import ConfigError, DataError
 from mmexperts.modeling import FeatureEncoderForClassification
 from mmexperts.training import TrainConfig, Trainer, list_checkpoints, parse_config, train
 
-from conftest import ROOT, adapter_weights, train_interrupted
+from conftest import ROOT, adapter_weights, load_recipe_module, train_interrupted
+from conftest import write_affect as _write_affect
 
 FACTORS = ["--config", "none", "--method", "s3", "--dataset", "synthetic:factors", "--train_size", "64",
            "--eval_size", "32", "--batch_size", "16", "--eval_batch_size", "32", "--max_steps", "4",

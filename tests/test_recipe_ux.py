@@ -3,7 +3,6 @@ reloads the adapter, one-line errors, no warning noise, a report of dropped rows
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -20,6 +19,8 @@ from PIL import Image
 
 from mmexperts.errors import ConfigError
 from mmexperts.training import TrainConfig, Trainer, list_checkpoints, parse_config, train
+
+from conftest import load_recipe_module
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "train.py"
@@ -56,13 +57,6 @@ def run_recipe(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
                HF_DATASETS_DISABLE_PROGRESS_BARS="1", TQDM_DISABLE="1", PYTHONWARNINGS="default")
     return subprocess.run([sys.executable, str(RECIPE), *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=300)
-
-
-def load_recipe_module():
-    spec = importlib.util.spec_from_file_location("recipe_train", RECIPE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # ---- item 3: defaults < config file (the demo's by default) < flags ------------------------------------------------

@@ -14,7 +14,6 @@ import peft
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_sweep_resume import RECIPE, TINY, kill_after_first_row, rows, start
 
 from mmexperts.errors import ConfigError
 from mmexperts.training import sweep
@@ -31,6 +30,12 @@ from mmexperts.training.sweep import (
     summary_table,
     three_stages,
 )
+
+from conftest import SWEEP_RECIPE as RECIPE
+from conftest import SWEEP_TINY as TINY
+from conftest import kill_sweep_after_first_row as kill_after_first_row
+from conftest import start_sweep as start
+from conftest import sweep_rows as rows
 
 PAPER = dict(design="paper", num_train=64, num_eval=48, seeds="0,1", granularities="1,2", keep_ratios="0.25,0.5,1.0",
              latent_dim=8, hidden_size=8, stage1_epochs=1, stage2_epochs=1, batch_size=32, eval_batch_size=32)

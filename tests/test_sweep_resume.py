@@ -4,13 +4,9 @@ another config is refused in one line, and --overwrite_output_dir starts over.""
 
 from __future__ import annotations
 
-import csv
 import json
-import os
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,47 +15,18 @@ from mmexperts.errors import ConfigError
 from mmexperts.training import parse_config, sweep
 from mmexperts.training.sweep import SweepConfig, prepare_output, sparsity_sweep
 
-ROOT = Path(__file__).resolve().parents[1]
-RECIPE = ROOT / "recipes" / "sweep_s3.py"
-TINY = dict(num_train=64, num_eval=32, sparsities="0,0.25,0.5,0.75", seeds="0,1", num_experts=4, latent_dim=8,
-            hidden_size=8, epochs=2, finetune_epochs=2, batch_size=32, criterion="gate_mass")
+from conftest import SWEEP_TINY as TINY
+from conftest import kill_sweep_after_first_row as kill_after_first_row
+from conftest import start_sweep as start
+from conftest import sweep_rows as rows
+
 CELLS = 8
-
-
-def flags(output_dir: Path, base: dict = TINY, **overrides) -> list[str]:
-    values = {**base, **overrides, "output_dir": str(output_dir)}
-    return [item for key, value in values.items() for item in (f"--{key}", str(value))]
-
-
-def start(output_dir: Path, *extra: str, base: dict = TINY, **overrides) -> subprocess.Popen:
-    """The recipe in a subprocess, without progress bars: the fields of ``base`` updated by ``overrides``."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), TQDM_DISABLE="1", OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, str(RECIPE), *flags(output_dir, base, **overrides), *extra], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def finish(process: subprocess.Popen, returncode: int = 0) -> tuple[str, str]:
     out, err = process.communicate(timeout=300)
     assert process.returncode == returncode, f"exit {process.returncode}:\n{out[-3000:]}\n{err[-3000:]}"
     return out, err
-
-
-def rows(output_dir: Path) -> list[dict]:
-    with open(output_dir / "sweep.csv", newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
-def kill_after_first_row(process: subprocess.Popen, output_dir: Path) -> int:
-    """SIGKILL the sweep ``process`` as soon as its CSV holds a row; returns how many rows it holds then."""
-    deadline = time.monotonic() + 240
-    while not ((output_dir / "sweep.csv").exists() and rows(output_dir)):
-        assert process.poll() is None, process.communicate()
-        assert time.monotonic() < deadline, "no row after 240 s"
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.communicate(timeout=60)
-    assert process.returncode == -signal.SIGKILL
-    return len(rows(output_dir))  # a complete CSV at any moment: rows are written atomically
 
 
 @pytest.fixture(scope="module")
