@@ -68,6 +68,7 @@ def test_retrieval_recipe_trains_and_reports_recall(backbones, tmp_path, capsys)
 
 
 @pytest.mark.skipif(shutil.which("mpirun") is None, reason="OpenMPI's mpirun is not installed (.ci/run installs it)")
+@pytest.mark.slow
 def test_two_cpu_processes_train_identical_connectors(backbones, tmp_path):
     initial, final = train_on_two_cpu_processes(
         tmp_path, *backbones, "--method", "altmoe", "--dataset", "synthetic:retrieval",

@@ -174,6 +174,7 @@ def test_concurrent_callers_build_once(tmp_path, monkeypatch):
     assert not errors and calls == [1] and results[0] == results[1]
 
 
+@pytest.mark.slow
 def test_force_rebuilds(built, tmp_path, monkeypatch):
     pretrained_backbones(cache_dir=tmp_path, **STEPS)
     calls = _count_builds(monkeypatch)

@@ -56,6 +56,7 @@ def frozen_probe(classifier_input: str):
 
 
 @pytest.mark.parametrize("tower", ["vision", "text"])
+@pytest.mark.slow
 def test_mope_learns_a_task_that_needs_both_modalities(tower):
     model = peft.get_peft_model(make_classifier(num_labels=2, classifier_input=tower),
                                 MoPEConfig(prompted_tower=tower, prompt_dropout=0.0))

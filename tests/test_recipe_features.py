@@ -109,9 +109,9 @@ def test_methods_that_cannot_train_feature_tasks_are_refused_in_one_line(flags, 
 
 
 def test_the_demo_configs_fields_of_another_method_or_dataset_are_one_clear_error():
-    with pytest.raises(ConfigError, match="prompt_length") as refused:  # the MoPE demo config under --method s3
-        parse_config(["--method", "s3", "--dataset", "synthetic:factors"],
-                     default_config=ROOT / "recipes" / "configs" / "mope_synthetic.yaml")
+    demo = ROOT / "recipes" / "configs" / "mope_synthetic.yaml"
+    with pytest.raises(ConfigError, match="prompt_length") as refused:  # the MoPE demo config, given, under s3
+        parse_config(["--config", str(demo), "--method", "s3", "--dataset", "synthetic:factors"])
     assert refused.value.field == "method_config" and "--config none" in str(refused.value)
     with pytest.raises(ConfigError, match="hypotheses"):
         TrainConfig(method="s3", dataset="synthetic:factors", dataset_config="{hypotheses: [colour]}")

@@ -215,6 +215,7 @@ def test_dropped_rows_are_listed_in_the_output_folder(backbones, tmp_path):
 
 @pytest.mark.parametrize("case", ["bad value", "unknown method", "not a number", "unknown flag", "missing config",
                                   "missing data_dir", "strict bad row", "nothing to resume", "finished run"])
+@pytest.mark.slow
 def test_expected_user_errors_print_one_line_and_exit_2(case, backbones, tmp_path):
     out = tmp_path / "run"
     args, expected = {

@@ -115,6 +115,7 @@ def test_without_stage_2_keep_ratio_one_is_the_stage_1_probe(tmp_path):
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
+@pytest.mark.slow
 def test_sigkill_after_the_first_row_then_the_same_config_finishes_the_same_csv(straight, tmp_path, capsys):
     config, _ = straight
     out = tmp_path / "sweep"

@@ -72,6 +72,7 @@ def straight(backbones, tmp_path_factory):
         process.wait()
 
 
+@pytest.mark.slow
 def test_sigkill_during_checkpoint_write_resumes_from_the_previous_one_bit_identically(backbones, straight, tmp_path):
     run = tmp_path / "run"
     killed = start(backbones, run, kill=f"checkpoint:{KILL_STEP}")  # runs alongside the uninterrupted one
@@ -96,6 +97,7 @@ def test_sigkill_during_checkpoint_write_resumes_from_the_previous_one_bit_ident
     assert json.loads((run / "metrics.json").read_text()) == json.loads((reference / "metrics.json").read_text())
 
 
+@pytest.mark.slow
 def test_sigkill_between_the_two_renames_of_a_swap_restores_the_old_folder(backbones, straight, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(straight(), run)  # a finished run: adapter/ exists, so finishing again swaps it

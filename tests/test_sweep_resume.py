@@ -46,6 +46,7 @@ def straight(tmp_path_factory):
         process.wait()
 
 
+@pytest.mark.slow
 def test_csv_grows_cell_by_cell_and_a_failed_sweep_resumes_to_the_same_csv(straight, tmp_path, monkeypatch):
     config = SweepConfig(**TINY, output_dir=str(tmp_path / "sweep"))
     real_cell, calls = sweep.SeedRun.cell, []
@@ -74,6 +75,7 @@ def test_csv_grows_cell_by_cell_and_a_failed_sweep_resumes_to_the_same_csv(strai
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
+@pytest.mark.slow
 def test_sigkill_after_the_first_row_then_the_same_command_finishes_the_same_csv(straight, tmp_path):
     out = tmp_path / "sweep"
     written = kill_after_first_row(start(out), out)

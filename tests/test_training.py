@@ -97,12 +97,14 @@ def test_config_file_and_command_line_overrides(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("mpirun") is None, reason="OpenMPI's mpirun is not installed (.ci/run installs it)")
+@pytest.mark.slow
 def test_two_cpu_processes_through_accelerate_launch_train_identical_adapters(backbones, tmp_path):
     initial, final = train_on_two_cpu_processes(tmp_path, *backbones, "--method_config", "{init_weights: false}")
     assert any(not torch.equal(initial[key], final[key]) for key in initial)
     assert "eval_accuracy" in json.loads((tmp_path / "run" / "metrics.json").read_text())
 
 
+@pytest.mark.slow
 def test_recipe_refuses_processes_that_did_not_form_a_group(backbones, tmp_path):
     """`accelerate launch --multi_gpu` on a machine without GPUs starts processes that never join one group."""
     vision, text = backbones
