@@ -25,7 +25,6 @@ over interleaved repetitions in one process. Results go to stdout and to ``bench
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import tempfile
@@ -37,7 +36,6 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import AutoImageProcessor, AutoTokenizer, VisionTextDualEncoderModel
 
-import mmexperts
 from mmexperts import AltMoEConfig, VectorStore, retrieval_recall
 from mmexperts.altmoe.features import CachedFeatures, FeatureConnector, cache_features
 from mmexperts.data.collate import MultimodalCollator
@@ -45,6 +43,8 @@ from mmexperts.data.loading import load_task
 from mmexperts.offline.backbones import pretrained_backbones
 from mmexperts.training.alternating import DirectionSchedule
 from mmexperts.training.engine import Engine, adamw_with_schedule
+
+from harness import environment
 
 HERE = Path(__file__).resolve().parent
 WIDTH, EXPERTS, TOP_K = 128, 8, 2
@@ -253,9 +253,7 @@ def render(results: dict, timing: dict, args, captions: int, train_pairs: int, e
               "| expert dispatch | ms / step | ratio to dense |", "| --- | ---: | ---: |"]
     for dispatch, ms in timing.items():
         lines.append(f"| {dispatch} | {ms:.1f} | {ms / timing['dense']:.2f} |")
-    lines += ["", f"Environment: Python {platform.python_version()}, torch {torch.__version__}, "
-              f"{platform.machine()}, {args.threads} threads, mmexperts {mmexperts.__version__}; total "
-              f"{elapsed / 60:.1f} min.", ""]
+    lines += ["", f"Environment: {environment(args.threads)}; total {elapsed / 60:.1f} min.", ""]
     return "\n".join(lines)
 
 

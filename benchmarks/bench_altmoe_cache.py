@@ -23,7 +23,6 @@ from pathlib import Path
 
 import torch
 
-import mmexperts
 from mmexperts.offline.backbones import pretrained_backbones
 from mmexperts.offline.real_towers import real_towers
 from mmexperts.training import TrainConfig, Trainer
@@ -116,7 +115,7 @@ def render(results: dict, args, elapsed: float) -> str:
     lines += ["", "Caching removes the towers' share of each step and leaves the connector's: the synthetic setting's "
               "tiny towers (4 blocks of width 64) cost only about twice the connector step itself, which bounds its "
               "speed-up near 3x; the real towers' share is what gives the >= 10x.", "",
-              f"mmexperts {mmexperts.__version__}, busy shared cores: {run_footer(elapsed, HERE)}", ""]
+              f"Busy shared cores: {run_footer(elapsed, HERE)}", ""]
     return "\n".join(lines)
 
 

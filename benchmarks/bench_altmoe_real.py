@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import platform
 import statistics
 import sys
 import tempfile
@@ -33,9 +32,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-import mmexperts  # noqa: E402
 from mmexperts.data.loading import load_task  # noqa: E402
 from mmexperts.training import TrainConfig, Trainer  # noqa: E402
+
+from harness import environment  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 WIDTH, EXPERTS = 256, 8
@@ -106,8 +106,7 @@ def render(summary: dict, ceiling: dict, args, elapsed: float) -> str:
         lines.append(f"| {schedule} | {connector} | {cell['params']:,} | {values} | {cell['train_s'][0]:.0f} |")
     bound = " | ".join(f"{ceiling[k]:.1f}" for k in (1, 5, 10))
     lines.append(f"| ceiling | (captions shared by images) | | {bound} | {bound} | {2 * sum(ceiling.values()):.1f} | |")
-    lines += ["", f"Environment: Python {platform.python_version()}, torch {torch.__version__}, {platform.machine()}, "
-              f"1 thread on busy shared cores, mmexperts {mmexperts.__version__}; total {elapsed / 60:.1f} min.", ""]
+    lines += ["", f"Environment: {environment(args.threads)}, busy shared cores; total {elapsed / 60:.1f} min.", ""]
     return "\n".join(lines)
 
 

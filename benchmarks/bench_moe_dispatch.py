@@ -12,8 +12,6 @@ of per-round paired ratios, against the ideal k/K. Results go to stdout and
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -21,6 +19,8 @@ from pathlib import Path
 import torch
 
 from mmexperts.moe import ExpertMLPs, top_k_weights
+
+from harness import environment
 
 HERE = Path(__file__).resolve().parent
 
@@ -72,8 +72,7 @@ def main() -> None:
         "",
         f"K={args.experts}, k={args.top_k}, {args.tokens} tokens, hidden {args.hidden}, expert hidden "
         f"{args.expert_hidden}, fp32, forward + backward, {args.reps} interleaved repetitions after one warm-up.",
-        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-        f"load average {os.getloadavg()[0]:.2f}.",
+        f"Environment: {environment()}.",
         "",
         "| dispatch | median s | min-max s |",
         "| --- | --- | --- |",

@@ -29,7 +29,6 @@ import gc
 import math
 import multiprocessing as mp
 import os
-import platform
 import statistics
 import sys
 import time
@@ -37,7 +36,7 @@ import traceback
 import warnings
 from pathlib import Path
 
-from harness import cpu_name, git_commit, reset_peak, status_kib
+from harness import environment, load_average, reset_peak, status_kib
 
 HERE = Path(__file__).resolve().parent
 NUM_LABELS = 101
@@ -269,31 +268,16 @@ def _run_group(kind: str, variants, warmup: int, steps: int, options: dict, log)
 
 # ----------------------------------------------------------------------------------------------- reporting
 def _environment(options: dict) -> list[str]:
-    import peft
-    import torch
-    import transformers
-
-    cpu, commit = cpu_name(), git_commit(HERE)
     return [
-        f"- commit: `{commit}`",
-        f"- python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
-        f"peft {peft.__version__}",
-        f"- CPU: {cpu}; {os.cpu_count()} logical CPUs, torch threads per worker: {options['threads']}",
+        f"- environment (torch threads per worker): {environment(options['threads'])}",
         f"- sizes: {'tiny smoke-test towers (--small)' if options['small'] else 'ViT-B/16 at 224 px + BERT-base'}, "
         f"random init, fp32, batch {options['batch_size']}, text length {options['text_length']} (padded rows), "
         f"{NUM_LABELS} labels",
         f"- repetitions: training {options['warmup']} warm-up + {options['steps']} measured, inference "
         f"{options['infer_warmup']} warm-up + {options['infer_steps']} measured, per variant, round-robin",
-        f"- load average (1/5/15 min) at start: {options.get('load_start', '?')}, at end: {_loadavg()} "
-        "(other processes on the machine inflate and scatter the times)",
+        f"- load average (1/5/15 min) at start: {options.get('load_start', '?')}, at end: in the environment line "
+        "above (other processes on the machine inflate and scatter the times)",
     ]
-
-
-def _loadavg() -> str:
-    try:
-        return "/".join(f"{v:.2f}" for v in os.getloadavg())
-    except OSError:
-        return "unknown"
 
 
 def _median_ms(result) -> float:
@@ -407,7 +391,7 @@ def main(argv=None) -> int:
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
-    options["load_start"] = _loadavg()
+    options["load_start"] = load_average()
     start = time.perf_counter()
     log(f"load average at start: {options['load_start']}")
     log("training variants:")

@@ -49,7 +49,7 @@ from mmexperts.offline.real_towers import real_towers
 from mmexperts.plots import plot_routing
 from mmexperts.training.probes import fit_linear_probe, pooled_features
 
-from harness import cpu_name, git_commit
+from harness import environment
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -245,7 +245,7 @@ def write_results(args, rows: list[dict], table: list[dict], total_params: int) 
              f"fashion:entailment ({args.train_size} train / {args.eval_size} test rows), CLIP ViT-B/16 image tower "
              f"(first {args.vision_layers} blocks, {args.image_size} px) + all-MiniLM-L6-v2, {args.epochs} epochs, "
              f"batch {args.batch_size}, lr {args.learning_rate}; towers {total_params / 1e6:.1f}M parameters; "
-             f"seeds {args.seeds}; {cpu_name()}, 1 torch thread, commit {git_commit(HERE)}.", "",
+             f"seeds {args.seeds}; {environment(args.threads)}.", "",
              "| method | test accuracy (mean +- std) | trainable | % of towers | train time (s) |",
              "| --- | --- | --- | --- | --- |"]
     lines += [f"| {r['method']} | {r['accuracy_mean']:.3f} +- {r['accuracy_std']:.3f} | {r['trainable']:,} | "

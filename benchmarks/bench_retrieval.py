@@ -20,8 +20,6 @@ Results go to stdout and to ``benchmarks/results/bench_retrieval.md`` (``bench_r
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -31,6 +29,8 @@ import numpy as np
 import torch
 
 from mmexperts.retrieval import VectorStore, recall_at_k
+
+from harness import environment
 
 HERE = Path(__file__).resolve().parent
 K = 10
@@ -188,10 +188,8 @@ def write_report(args, rows, total_s) -> None:
     lines += ["", "Fastest setting meeting the target per approximate index: " + (
         "; ".join(f"{m} {r['settings']}: {r['speedup']:.1f}x exact, Recall@10 {r['recall10']:.3f}, Hit@10 ratio "
                   f"{r['hit_ratio']:.3f}" for m, r in best.items()) or "none") + ".", ""]
-    load = os.getloadavg()
-    lines += [f"Environment: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible, load "
-              f"average {load[0]:.2f}; Python {platform.python_version()}, torch {torch.__version__}, faiss "
-              f"{faiss.__version__}, numpy {np.__version__}. Total run {total_s:.0f} s.", ""]
+    lines += [f"Environment: {environment(extra={'faiss': faiss.__version__, 'numpy': np.__version__})}. "
+              f"Total run {total_s:.0f} s.", ""]
     text = "\n".join(lines)
     print("\n" + text)
     out = HERE / "results" / ("bench_retrieval_small.md" if args.small else "bench_retrieval.md")

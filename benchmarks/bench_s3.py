@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -31,6 +30,8 @@ import torch
 from mmexperts import S3Config
 from mmexperts.s3 import S3Core
 from mmexperts.training.sweep import SweepConfig, sparsity_sweep
+
+from harness import environment
 
 HERE = Path(__file__).resolve().parent
 
@@ -100,10 +101,7 @@ def main() -> None:
     parser.add_argument("--output", default=str(HERE / "results" / "bench_s3.md"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    load = os.getloadavg()[0]
-    lines = ["# S3 benchmark", "",
-             f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} "
-             f"thread(s), load average at start {load:.2f}.", "",
+    lines = ["# S3 benchmark", "", f"Environment (at start): {environment()}.", "",
              f"## (a) S3 compute against pruned experts ({args.rounds} rounds, medians)", "",
              "S3Core, K=8, d=256, expert hidden 1024, 128 examples x 64 tokens, fp32.", "",
              *cost_table(args.rounds)]

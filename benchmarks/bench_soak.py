@@ -35,7 +35,6 @@ import io
 import json
 import math
 import os
-import platform
 import random
 import sys
 import tempfile
@@ -43,7 +42,7 @@ import time
 import warnings
 from pathlib import Path
 
-from harness import cpu_name, git_commit, reset_peak, status_kib
+from harness import environment, reset_peak, status_kib
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
@@ -351,30 +350,15 @@ def nonfinite_runs(folder: Path, backbones: tuple[str, str], log) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- reporting
-def environment(args) -> list[str]:
-    import peft
-    import torch
-    import transformers
-
-    cpu, commit = cpu_name(), git_commit(HERE)
+def describe(args) -> list[str]:
+    """The report's header bullets: the environment (load average at the end of the run), then the soak's setup."""
     return [
-        f"- commit: `{commit}` (plus uncommitted changes, if any)",
-        f"- python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
-        f"peft {peft.__version__}",
-        f"- CPU: {cpu}; {os.cpu_count()} logical CPUs, torch threads: {args.threads}; load average at end: "
-        f"{_loadavg()}",
+        f"- environment: {environment(args.threads)}",
         f"- soak: MoPE defaults (K=4, init_weights=False, prompt tokens) on a ViT ({IMAGE_SIZE} px, patch 6) + BERT, "
         f"hidden {HIDDEN}, 2 layers each, fp32, AdamW lr 1e-3; batch 1..{args.max_batch}, text length "
         f"1..{args.max_text}, random right padding; eval forward every {EVAL_EVERY} steps; seed {args.seed}; "
         "each variant in its own process, same batches",
     ]
-
-
-def _loadavg() -> str:
-    try:
-        return "/".join(f"{v:.2f}" for v in os.getloadavg())
-    except OSError:
-        return "unknown"
 
 
 def leak_verdict(results: list[dict], max_growth: float) -> tuple[bool, str]:
@@ -505,14 +489,15 @@ def main(argv=None) -> int:
             os.environ.setdefault("HF_HOME", str(Path(tmp) / "hf-home"))
             nonfinite = nonfinite_runs(Path(tmp), build_backbones(Path(tmp)), log)
     elapsed = time.perf_counter() - started
-    lines = ["# Soak benchmark (CPU)", "", *environment(args), f"- total wall time: {elapsed:.0f} s", "",
+    header = describe(args)
+    lines = ["# Soak benchmark (CPU)", "", *header, f"- total wall time: {elapsed:.0f} s", "",
              "## Memory over a long run", "", *soak_table(results, args.max_growth)]
     if nonfinite:
         lines += ["", "## Non-finite steps through the Trainer", "", *nonfinite_table(nonfinite)]
     print("\n".join(lines))
     args.output_dir.mkdir(parents=True, exist_ok=True)
     payload = {"command": " ".join(["python", "benchmarks/bench_soak.py", *(sys.argv[1:] if argv is None else argv)]),
-               "environment": environment(args), "total_wall_s": elapsed, "max_growth_mib_per_1000_steps":
+               "environment": header, "total_wall_s": elapsed, "max_growth_mib_per_1000_steps":
                args.max_growth, "leak_verdict_pass": leak_verdict(results, args.max_growth)[0],
                "soak": results, "nonfinite": nonfinite, "report_markdown": "\n".join(lines)}
     (args.output_dir / "soak.json").write_text(json.dumps(payload, indent=2))
