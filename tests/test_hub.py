@@ -238,3 +238,16 @@ def test_push_cards_the_only_adapter_whatever_its_name_and_takes_save_options(tm
     card = ModelCard(upload["files"]["README.md"].decode())
     assert "| `num_experts` | `3` |" in card.text
     assert "![routing](curve.png)" in card.text  # without routing.png, the first plot
+
+
+def test_a_seeded_image_text_base_snippet_defines_its_processor_sources(tmp_path):
+    import ast
+
+    model = peft.get_peft_model(make_clip(), AltMoEConfig(num_experts=2, top_k=1, hidden_size=8))
+    model.save_pretrained(tmp_path)
+    snippet = re.search(r"```python\n(.*?)```", str(write_model_card(model, tmp_path, base_seed=0)), re.S).group(1)
+    assigned = {name.id for node in ast.walk(ast.parse(snippet)) if isinstance(node, ast.Assign)
+                for target in node.targets for name in ast.walk(target) if isinstance(name, ast.Name)}
+    used = {node.id for node in ast.walk(ast.parse(snippet)) if isinstance(node, ast.Name)}
+    assert {"vision", "text"} & used <= assigned  # no NameError: the placeholder says what to give
+    assert "path/to/processor-and-tokenizer" in snippet

@@ -82,10 +82,12 @@ def _config_snippet(base, seed: int) -> str:
     imports = [_import_line(cls), _import_line(type(config))]
     if all(line.startswith("from mmexperts import ") for line in imports):
         imports = [f"from mmexperts import {type(config).__name__}, {cls.__name__}"]
+    sources = [] if hasattr(config, "feature_dim_a") else [  # image-text towers still need a processor and tokenizer
+        'vision = text = "path/to/processor-and-tokenizer"  # not recorded: the towers were drawn from their config']
     return "\n".join([*imports, "",
                       f"torch.manual_seed({seed})  # the frozen towers are random: this seed and config draw them",
                       f"base = {cls.__name__}({type(config).__name__}(" + ",".join(
-                          f"\n    {key}={value!r}" for key, value in fields.items()) + "))"])
+                          f"\n    {key}={value!r}" for key, value in fields.items()) + "))", *sources])
 
 
 def _base_snippet(base, names: dict[str, str], base_seed: int | None = None) -> str:
