@@ -264,8 +264,37 @@ def write_results(args, rows: list[dict], table: list[dict], total_params: int) 
     ax.set_title(f"fashion:entailment on real towers: {args.table}")
     ax.legend(loc="lower right")
     fig.savefig(f"{stem}.png", dpi=110)
+    plt.close(fig)
+    written = [f"{stem}.csv", f"{stem}.md", f"{stem}.png"]
+    if args.table == "scaling":
+        written.append(scaling_curve(table, f"{stem}_curve.png"))
     print("\n".join(lines))
-    print(f"Wrote {stem}.csv, {stem}.md, {stem}.png")
+    print(f"Wrote {', '.join(written)}")
+
+
+def scaling_curve(table: list[dict], path: str) -> str:
+    """Accuracy against the routed prompt's scale: K experts at l=6 beside l tokens (in multiples of 6) at K=1."""
+    from mmexperts.plots import pyplot, save_figure
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
+    config = {name: spec["config"] for name, spec in SCALING.items()}
+    for label, scale, chosen in (("experts K (l=6)", "num_experts", lambda c: c["prompt_length"] == 6),
+                                 ("prompt length l / 6 (K=1)", "prompt_length",
+                                  lambda c: c["num_experts"] == 1)):
+        cells = sorted((config[r["method"]][scale] / (6 if scale == "prompt_length" else 1), r) for r in table
+                       if r["method"] in config and chosen(config[r["method"]]))
+        x = [factor for factor, _ in cells]
+        ax.errorbar(x, [r["accuracy_mean"] for _, r in cells], yerr=[r["accuracy_std"] for _, r in cells],
+                    marker="o", capsize=3, label=label)
+    ax.axhline(0.5, color="grey", linestyle="--", label="chance")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([1, 2, 4, 8], labels=["1", "2", "4", "8"])
+    ax.set_xlabel("scale factor of the routed prompt (K, or l / 6)")
+    ax.set_ylabel("test accuracy (mean +- std over seeds)")
+    ax.set_title("MoPE on real towers: expert scaling vs length scaling", fontsize=10)
+    ax.legend(loc="lower left")
+    return save_figure(fig, path)
 
 
 def main(argv=None) -> None:
