@@ -308,6 +308,24 @@ def prune_and_finetune(model: peft.PeftModel, sparsity: float, validation: list[
     return mask
 
 
+CONCEPTS_CELL, PAPER_CELL = ("seed", "sparsity"), ("seed", "granularity", "keep_ratio")  # the CSV fields naming a cell
+
+
+def cell_of(row: dict, fields: tuple[str, ...]) -> tuple:
+    return tuple(row[name] for name in fields)
+
+
+def finished_cells(rows: list[dict], order: dict[tuple, int], fields: tuple[str, ...], out: Path) -> set[tuple]:
+    """The grid cells the CSV already holds (says so when resuming); a row outside the grid refuses the folder."""
+    done = {cell_of(row, fields) for row in rows}
+    if done - set(order):
+        raise CorruptFileError(out / CSV_FILE, f"rows {sorted(done - set(order))} are not cells of this sweep's "
+                                               "grid; pass --overwrite_output_dir to start over.")
+    if done:
+        print(f"Resuming: {len(done)} of {len(order)} cells are already in {out / CSV_FILE}.", flush=True)
+    return done
+
+
 def cell_seed(seed: int, *keys: int) -> int:
     """The seed of one cell, e.g. (seed, sparsity level): its randomness does not depend on which cells ran before."""
     return int(np.random.SeedSequence([seed, *keys]).generate_state(1)[0])
@@ -524,12 +542,7 @@ def run_paper_cells(config: SweepConfig, rows: list[dict]) -> dict:
           flush=True)
     cells = [(seed, chi, ratio) for seed in seeds for chi in chis for ratio in ratios]
     order = {cell: i for i, cell in enumerate(cells)}
-    done = {(row["seed"], row["granularity"], row["keep_ratio"]) for row in rows}
-    if done - set(order):
-        raise CorruptFileError(out / CSV_FILE, f"rows {sorted(done - set(order))} are not cells of this sweep's "
-                                               "grid; pass --overwrite_output_dir to start over.")
-    if done:
-        print(f"Resuming: {len(done)} of {len(order)} cells are already in {out / CSV_FILE}.", flush=True)
+    done = finished_cells(rows, order, PAPER_CELL, out)
     plotted = False
     with tqdm(total=len(order), initial=len(done), desc="sweep", unit="cell") as progress:
         for seed in seeds:
@@ -544,7 +557,7 @@ def run_paper_cells(config: SweepConfig, rows: list[dict]) -> dict:
                 for ratio in todo:
                     progress.set_postfix_str(f"seed {seed}, chi {chi}, keep ratio {ratio:g}")
                     row = run.cell(ratio)
-                    rows = sorted([*rows, row], key=lambda r: order[(r["seed"], r["granularity"], r["keep_ratio"])])
+                    rows = sorted([*rows, row], key=lambda r: order[cell_of(r, PAPER_CELL)])
                     write_rows(out / CSV_FILE, rows, PAPER_CSV_FIELDS)
                     progress.update(1)
                     progress.write(f"seed {seed}, chi {chi}, keep ratio {ratio:g}: pairs kept {row['kept_pairs']:.3f}, "
@@ -725,13 +738,8 @@ def run_cells(config: SweepConfig, rows: list[dict]) -> dict:
           f"  {USAGE_PLOT:<24} expert usage per class, seed {seeds[0]} (after each seed)\n"
           f"  {CONFIG_FILE:<24} the config; the same command resumes a killed sweep\n"
           f"  {STATE_FOLDER + '/':<24} each seed's trained adapter (for resuming)", flush=True)
-    done = {(row["seed"], row["sparsity"]) for row in rows}
     order = {(seed, sparsity): i for i, (seed, sparsity) in enumerate((s, p) for s in seeds for p in grid)}
-    if done - set(order):
-        raise CorruptFileError(out / CSV_FILE, f"rows {sorted(done - set(order))} are not cells of this sweep's "
-                                               "grid; pass --overwrite_output_dir to start over.")
-    if done:
-        print(f"Resuming: {len(done)} of {len(order)} cells are already in {out / CSV_FILE}.", flush=True)
+    done = finished_cells(rows, order, CONCEPTS_CELL, out)
     routing = None
     with tqdm(total=len(order), initial=len(done), desc="sweep", unit="cell") as progress:
         for seed in seeds:
@@ -745,7 +753,7 @@ def run_cells(config: SweepConfig, rows: list[dict]) -> dict:
             for level, sparsity in todo:
                 progress.set_postfix_str(f"seed {seed}, sparsity {sparsity:g}")
                 row = run.cell(level, sparsity)
-                rows = sorted([*rows, row], key=lambda r: order[(r["seed"], r["sparsity"])])
+                rows = sorted([*rows, row], key=lambda r: order[cell_of(r, CONCEPTS_CELL)])
                 write_rows(out / CSV_FILE, rows)
                 progress.update(1)
                 progress.write(f"seed {seed}, sparsity {sparsity:g}: pruned {row['pruned']}, validation accuracy "
