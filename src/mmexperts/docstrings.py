@@ -11,7 +11,8 @@ INDENT = " " * 4
 WIDTH = 116
 
 
-def _type_name(spec: dataclasses.Field) -> str:
+def field_type_name(spec: dataclasses.Field) -> str:
+    """A dataclass field's type as written (``"str | None"``), with or without postponed annotations."""
     return spec.type if isinstance(spec.type, str) else getattr(spec.type, "__name__", str(spec.type))
 
 
@@ -32,7 +33,7 @@ def document_fields(cls: type) -> type:
     for spec in dataclasses.fields(cls):
         if spec.name not in own or not spec.init:
             continue
-        lines.append(f"{INDENT}{spec.name} (`{_type_name(spec)}`{_default(spec)}):")
+        lines.append(f"{INDENT}{spec.name} (`{field_type_name(spec)}`{_default(spec)}):")
         help_text = " ".join(spec.metadata.get("help", "").split()) or "See the class description."
         lines += textwrap.wrap(help_text, WIDTH - 2 * len(INDENT), initial_indent=2 * INDENT,
                                subsequent_indent=2 * INDENT, break_on_hyphens=False)

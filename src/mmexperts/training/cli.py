@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 from transformers import HfArgumentParser
 
+from ..docstrings import field_type_name
 from ..errors import ConfigError
 from .config import TrainConfig
 
@@ -75,8 +76,7 @@ def _read_config_file(path: Path, config_class: type) -> dict:
     """A config file's fields of ``config_class``, as parser defaults (mappings and lists of string fields written
     back as their flag values)."""
     known = {f.name for f in dataclasses.fields(config_class)}
-    strings = {f.name for f in dataclasses.fields(config_class)
-               if (f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))).startswith("str")}
+    strings = {f.name for f in dataclasses.fields(config_class) if field_type_name(f).startswith("str")}
     if not path.is_file():
         raise FileNotFoundError(f"--config {path}: no such file.")
     try:
