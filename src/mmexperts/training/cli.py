@@ -41,14 +41,15 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
         return super()._get_help_string(action)
 
 
-def _config_argument(argv: list[str]) -> str | None:
-    """The value of ``--config`` in ``argv`` (``--config FILE`` or ``--config=FILE``), or None when absent."""
+def _flag_value(argv: list[str], name: str, needs: str) -> str | None:
+    """The value of ``--name`` in ``argv`` (``--name VALUE`` or ``--name=VALUE``), or None when absent; ``needs``
+    says what a missing value should have been."""
     for index, argument in enumerate(argv):
-        if argument == "--config":
+        if argument == f"--{name}":
             if index + 1 >= len(argv):
-                raise ConfigError("config", "--config needs a value: a YAML file, or 'none'.")
+                raise ConfigError(name, f"--{name} needs a value: {needs}.")
             return argv[index + 1]
-        if argument.startswith("--config="):
+        if argument.startswith(f"--{name}="):
             return argument.partition("=")[2]
     return None
 
@@ -64,8 +65,7 @@ def _as_flag_value(value):
 
 def _other_method(argv: list[str], default_config: Path) -> bool:
     """Whether ``argv`` sets ``--method`` to another method than the default config file's."""
-    method = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--method"), None)
-    method = next((a.partition("=")[2] for a in argv if a.startswith("--method=")), method)
+    method = _flag_value(argv, "method", "a method name")
     if method is None or not default_config.is_file():
         return False
     values = yaml.safe_load(default_config.read_text()) or {}
@@ -136,7 +136,7 @@ def parse_config(argv: list[str] | None = None, default_config: str | os.PathLik
     a missing config file ``FileNotFoundError``.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    chosen = _config_argument(argv)
+    chosen = _flag_value(argv, "config", "a YAML file, or 'none'")
     if chosen is None and default_config is not None and not _other_method(argv, Path(default_config)):
         chosen = str(default_config)
     if chosen is not None and chosen.lower() == NO_CONFIG:
