@@ -54,7 +54,7 @@ class Router(nn.Module):
     that no optimiser or adapter toggle ever trains them). Gaussian noise of ``noise_std`` is added in training only.
     """
 
-    def __init__(self, query_dim: int, num_experts: int, temperature: float = 1.0, noise_std: float = 0.0,
+    def __init__(self, query_size: int, num_experts: int, temperature: float = 1.0, noise_std: float = 0.0,
                  top_k: int | None = None, learn_keys: bool = False, renormalize: bool = True, device=None):
         super().__init__()
         if num_experts < 1:
@@ -70,7 +70,7 @@ class Router(nn.Module):
         self.noise_std = noise_std
         self.top_k = top_k
         self.renormalize = renormalize
-        keys = torch.empty(query_dim, num_experts)
+        keys = torch.empty(query_size, num_experts)
         nn.init.orthogonal_(keys)
         keys = keys.to(device) if device is not None else keys
         if learn_keys:
