@@ -42,7 +42,7 @@ from mmexperts.data.collate import MultimodalCollator
 from mmexperts.data.loading import load_task
 from mmexperts.offline.backbones import pretrained_backbones
 from mmexperts.training.alternating import DirectionSchedule
-from mmexperts.training.engine import Engine, adamw_with_schedule
+from mmexperts.training.engine import Engine, adamw_with_lr_scheduler
 
 from harness import environment
 
@@ -52,8 +52,8 @@ BASE = dict(num_experts=EXPERTS, top_k=TOP_K, hidden_size=WIDTH, dropout=0.1, te
 VARIANTS = {
     "untrained": (dict(BASE, init_weights=False), None, 0.0),
     "moe-alternating": (BASE, "alternating", 1.0),
-    "moe-joint": (dict(BASE, schedule="joint"), "joint", 1.0),
-    "moe-joint-half": (dict(BASE, schedule="joint"), "joint", 0.5),
+    "moe-joint": (dict(BASE, direction_schedule="joint"), "joint", 1.0),
+    "moe-joint-half": (dict(BASE, direction_schedule="joint"), "joint", 0.5),
     "mlp-alternating": (dict(BASE, num_experts=1, top_k=1, expert_hidden_size=EXPERTS * WIDTH), "alternating", 1.0),
 }
 
@@ -105,10 +105,10 @@ def train(model, rows: Rows, mode: str | None, steps: int, batch_size: int, lr: 
     warm-up over 5 % of the steps then constant, clipping 1.0); returns the loss per step."""
     module = FeatureConnector(model).train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer, scheduler = adamw_with_schedule(params, lr, steps, weight_decay=5e-3, warmup=max(1, steps // 20),
+    optimizer, scheduler = adamw_with_lr_scheduler(params, lr, steps, weight_decay=5e-3, warmup=max(1, steps // 20),
                                                decay="constant")
     schedule = DirectionSchedule(model.base_model.directions, mode) if mode else None
-    engine = Engine(module, optimizer, scheduler, max_grad_norm=1.0, schedule=schedule, skip_nonfinite=False)
+    engine = Engine(module, optimizer, scheduler, max_grad_norm=1.0, direction_schedule=schedule, skip_nonfinite=False)
     loader = DataLoader(rows, batch_size=batch_size, shuffle=True, drop_last=True,
                         generator=torch.Generator().manual_seed(seed), collate_fn=CachedFeatures.collate)
     losses: list[float] = []
@@ -128,8 +128,8 @@ def evaluate(model, images: CachedFeatures, captions: list[CachedFeatures], batc
         for start in range(0, len(features), batch_size):
             batch = CachedFeatures.collate([features[i] for i in range(start, min(start + batch_size, len(features)))])
             out = tuner.connect(batch["image_tokens"], batch["image_mask"], batch["text_tokens"], batch["text_mask"])
-            for key, value in (("i2t", out.image_to_text.embeds), ("t2i", out.text_to_image.embeds),
-                               ("image", out.image_target_embeds), ("text", out.text_target_embeds)):
+            for key, value in (("i2t", out.vision_to_text.embeds), ("t2i", out.text_to_vision.embeds),
+                               ("image", out.vision_target_embeds), ("text", out.text_target_embeds)):
                 parts[key].append(value)
         return {k: torch.cat(v) for k, v in parts.items()}
 
@@ -157,7 +157,7 @@ def time_steps(backbones, rows: Rows, batch_size: int, repeats: int, seed: int) 
     for repeat in range(repeats + 2):
         for dispatch in (("sparse", "dense") if repeat % 2 else ("dense", "sparse")):
             module = FeatureConnector(models[dispatch]).train()
-            with models[dispatch].base_model.direction("image_to_text" if repeat % 2 else "text_to_image"):
+            with models[dispatch].base_model.direction("vision_to_text" if repeat % 2 else "text_to_vision"):
                 start = time.perf_counter()
                 module(**batch).loss.backward()
                 optimizers[dispatch].step()

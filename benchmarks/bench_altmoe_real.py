@@ -62,7 +62,7 @@ def run_one(args, schedule: str, connector: str, seed: int, folder: Path) -> dic
                          vision_image_size=64, train_size=args.train_size, eval_size=args.eval_size, seed=seed,
                          method_config={**CONNECTORS[connector], "hidden_size": WIDTH, "dropout": 0.1,
                                         "temperature": 0.03, "alpha": 0.5,
-                                        "schedule": "joint" if schedule == "joint-half" else schedule},
+                                        "direction_schedule": "joint" if schedule == "joint-half" else schedule},
                          output_dir=str(folder), overwrite_output_dir=True, feature_cache_dir=args.cache_dir,
                          batch_size=64, eval_batch_size=250, num_epochs=args.epochs, learning_rate=args.lr,
                          weight_decay=5e-3, warmup_steps=50, eval_steps=10**9, save_steps=10**9)

@@ -51,7 +51,7 @@ def time_core(core: S3Core, tokens: torch.Tensor, mask: torch.Tensor, expert_mas
 
 def cost_table(rounds: int, num_experts: int = 8) -> list[str]:
     torch.manual_seed(0)
-    config = S3Config(design="concepts", num_experts=num_experts, latent_dim=256, expert_hidden_dim=1024,
+    config = S3Config(design="concepts", num_experts=num_experts, latent_size=256, expert_hidden_size=1024,
                       ssl_loss_weight=0.0, init_weights=False)  # 0.0: what an adapter with a head resolves None to
     core = S3Core(config, num_labels=2)
     tokens, mask = torch.randn(128, 64, 256), torch.ones(128, 64, dtype=torch.bool)
@@ -121,7 +121,7 @@ def main() -> None:
                  f"{config.spurious_strength} on modality `{config.spurious_modalities}`'s noise factors (in train "
                  f"they agree with the label {50 * (1 + config.spurious_strength):.0f}% of the time; validation and "
                  f"test independent); K={config.num_experts}, "
-                 f"d={config.latent_dim}; {config.epochs} training epochs, pruning `{config.schedule}` by "
+                 f"d={config.latent_size}; {config.epochs} training epochs, pruning `{config.pruning_schedule}` by "
                  f"`{config.criterion}` utility on validation, {config.finetune_epochs} router + head fine-tune "
                  "epochs (every level, the unpruned one included).",
                  "", "| sparsity | pruned | test accuracy (mean ± std over seeds) |", "| --- | --- | --- |",

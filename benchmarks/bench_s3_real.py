@@ -160,7 +160,7 @@ class CachedTokenModel(FeatureEncoderForClassification):
     ``features_b``: text) of their own widths; its pooled outputs are the towers' mean tokens."""
 
     def __init__(self, vision_size: int, text_size: int, num_labels: int):
-        super().__init__(FeatureEncoderConfig(feature_dim_a=vision_size, feature_dim_b=text_size, hidden_size=8,
+        super().__init__(FeatureEncoderConfig(feature_size_a=vision_size, feature_size_b=text_size, hidden_size=8,
                                               num_hidden_layers=1, num_attention_heads=1, intermediate_size=8,
                                               num_labels=num_labels))
         self.modality_a_model = CachedTokenTower(vision_size)
@@ -218,8 +218,8 @@ def run_seed(args: argparse.Namespace, tensors: dict, seed: int, ratios: list[fl
     train_eval, test = loader(tensors, "train", args.eval_batch_size), loader(tensors, "test", args.eval_batch_size)
     rows = []
     for chi in [int(g) for g in args.granularities.split(",")]:
-        config = S3Config.from_granularity(chi, args.expansion, latent_dim=args.latent_dim, num_layers=args.num_layers,
-                                           dispatch="dense")
+        config = S3Config.from_granularity(chi, args.expansion, latent_size=args.latent_size,
+                                           num_layers=args.num_layers, dispatch="dense")
         model = peft.get_peft_model(base_model(tensors, seed), config)
         if not rows:  # the frozen towers' baselines, on their mean-pooled tokens concatenated
             rows.append(row(seed, FROZEN_LINEAR, probe_accuracy(model, train_eval, test, seed, adapter=False)[0]))
@@ -240,11 +240,12 @@ def run_seed(args: argparse.Namespace, tensors: dict, seed: int, ratios: list[fl
 def concept_sweep(args: argparse.Namespace, tensors: dict, seed: int) -> list[dict]:
     """The concepts design on the same tokens (its own protocol: supervised heads, gate-mass pruning of whole experts
     by validation utility, router + head fine-tune); test accuracy per sparsity."""
-    config = SweepConfig(epochs=args.concept_epochs, finetune_epochs=3, criterion="gate_mass", schedule="one-shot",
-                         learning_rate=args.learning_rate, num_experts=8, latent_dim=args.latent_dim)
+    config = SweepConfig(epochs=args.concept_epochs, finetune_epochs=3, criterion="gate_mass",
+                         pruning_schedule="one-shot", learning_rate=args.learning_rate, num_experts=8,
+                         latent_size=args.latent_size)
     torch.manual_seed(seed)
     model = peft.get_peft_model(base_model(tensors, seed), S3Config(
-        design="concepts", num_experts=config.num_experts, latent_dim=config.latent_dim,
+        design="concepts", num_experts=config.num_experts, latent_size=config.latent_size,
         sharpness_loss_weight=config.sharpness_loss_weight, ssl_loss_weight=0.0))
     train = loader(tensors, "train", args.batch_size, shuffle=True, seed=seed)
     validation, test = list(loader(tensors, "validation", args.eval_batch_size)), loader(tensors, "test", 256)
@@ -268,7 +269,7 @@ def markdown(args, summary: list[dict], seconds: float, command: str, encode_sec
              f"{args.image_size} px) + all-MiniLM-L6-v2 ({seeds} seeds)", "", f"`{command}`", "",
              f"Train {args.train_size}, test {args.eval_size} (data seed {args.data_seed}); towers frozen, encoded "
              f"once ({encode_seconds:.0f} s). chi in {{{args.granularities}}}, rho={args.expansion}, "
-             f"d={args.latent_dim}, {args.num_layers} MoE layer(s) per modality; stage 1 {args.stage1_epochs} epochs, "
+             f"d={args.latent_size}, {args.num_layers} MoE layer(s) per modality; stage 1 {args.stage1_epochs} epochs, "
              f"stage 2 {args.stage2_epochs} epochs (routers only); linear probe on `fused_embeds`; eval batches of "
              f"{args.eval_batch_size}. Chance: 0.5.", "", *keep_ratio_table(summary, models), "",
              "| baseline or probe | test accuracy |", "| --- | --- |"]

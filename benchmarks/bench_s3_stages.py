@@ -86,9 +86,9 @@ def run_seed(args: argparse.Namespace, seed: int, ratios: list[float]) -> list[d
     for chi in [int(g) for g in args.granularities.split(",")]:
         torch.manual_seed(seed)
         base = FeatureEncoderForClassification(FeatureEncoderConfig(
-            feature_dim_a=len(example["modality_a"][0]), feature_dim_b=len(example["modality_b"][0]),
+            feature_size_a=len(example["modality_a"][0]), feature_size_b=len(example["modality_b"][0]),
             hidden_size=args.hidden_size, num_hidden_layers=1, num_labels=task.num_labels))
-        config = S3Config.from_granularity(chi, args.expansion, latent_dim=args.latent_dim,
+        config = S3Config.from_granularity(chi, args.expansion, latent_size=args.latent_size,
                                            num_layers=args.num_layers, dispatch=args.dispatch)
         model = peft.get_peft_model(base, config)
         if not rows:  # the same frozen towers for every chi (same seed)
@@ -107,7 +107,7 @@ def concept_sweep(args: argparse.Namespace) -> list[dict]:
     with tempfile.TemporaryDirectory() as folder, contextlib.redirect_stdout(io.StringIO()), \
             contextlib.redirect_stderr(io.StringIO()):  # the sweep's own progress report
         config = SweepConfig(num_train=600, num_eval=400, seeds=args.seeds, sparsities="0,0.25,0.5,0.75",
-                             epochs=15, finetune_epochs=3, criterion="gate_mass", schedule="one-shot",
+                             epochs=15, finetune_epochs=3, criterion="gate_mass", pruning_schedule="one-shot",
                              output_dir=folder)
         return sparsity_sweep(config)["summary"]
 
@@ -118,7 +118,7 @@ def markdown(args, summary: list[dict], concepts: list[dict] | None, seconds: fl
     lines = [f"# S3 three stages on synthetic:factors (linear probe, {len(args.seeds.split(','))} seeds)", "",
              f"`{command}`", "",
              f"chi in {{{args.granularities}}}, rho={args.expansion} (N = chi * rho experts, top-chi), "
-             f"d={args.latent_dim}, {args.num_layers} MoE layer(s) per modality; stage 1 "
+             f"d={args.latent_size}, {args.num_layers} MoE layer(s) per modality; stage 1 "
              f"{args.stage1_epochs} epochs, stage 2 {args.stage2_epochs} epochs (routers only); train "
              f"{args.train_size}, test {args.eval_size}; eval batches of {args.eval_batch_size}.", "",
              *keep_ratio_table(summary, models)]

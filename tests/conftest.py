@@ -288,7 +288,7 @@ def load_recipe_module():
 
 
 SWEEP_RECIPE = ROOT / "recipes" / "sweep_s3.py"
-SWEEP_TINY = dict(num_train=64, num_eval=32, sparsities="0,0.25,0.5,0.75", seeds="0,1", num_experts=4, latent_dim=8,
+SWEEP_TINY = dict(num_train=64, num_eval=32, sparsities="0,0.25,0.5,0.75", seeds="0,1", num_experts=4, latent_size=8,
                   hidden_size=8, epochs=2, finetune_epochs=2, batch_size=32, criterion="gate_mass")
 
 

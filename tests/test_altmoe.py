@@ -39,12 +39,12 @@ def test_outputs_keep_the_base_class_with_aligned_embeddings(kind):
     assert out.logits_per_image.shape == (4, 4)
     torch.testing.assert_close(out.logits_per_text, out.text_embeds @ out.image_embeds.T / 0.03)
     torch.testing.assert_close(out.logits_per_image, out.logits_per_text.T)
-    assert out.image_to_text.embeds.shape == out.text_to_image.embeds.shape == (4, WIDTH)
-    assert out.image_to_text.latent.shape == out.text_to_image.latent.shape == (4, HIDDEN)
-    assert out.image_target_embeds.shape == out.text_target_embeds.shape == (4, WIDTH)
+    assert out.vision_to_text.embeds.shape == out.text_to_vision.embeds.shape == (4, WIDTH)
+    assert out.vision_to_text.latent.shape == out.text_to_vision.latent.shape == (4, HIDDEN)
+    assert out.vision_target_embeds.shape == out.text_target_embeds.shape == (4, WIDTH)
     assert out.loss.ndim == 0 and torch.isfinite(out.loss)
-    assert out.image_to_text.routing["contrastive"].shape[-1] == 4
-    assert (out.image_to_text.routing["contrastive"] > 0).sum(-1).eq(2).all()  # top-2 of 4 experts per token
+    assert out.vision_to_text.routing["contrastive"].shape[-1] == 4
+    assert (out.vision_to_text.routing["contrastive"] > 0).sum(-1).eq(2).all()  # top-2 of 4 experts per token
     with torch.no_grad():
         assert model(**inputs()).loss is None  # a loss only with return_loss=True
 
@@ -79,7 +79,7 @@ def test_sparse_and_dense_dispatch_and_the_pooled_variant():
         sparse, dense = make("clip")(**inputs()), make("clip", dispatch="dense")(**inputs())
         pooled = make("clip", pooled_input=True)(**inputs())
     torch.testing.assert_close(sparse.image_embeds, dense.image_embeds, atol=1e-5, rtol=1e-5)
-    assert pooled.image_to_text.routing["contrastive"].shape == (4, 4)  # one pooled token per example
+    assert pooled.vision_to_text.routing["contrastive"].shape == (4, 4)  # one pooled token per example
     assert not torch.allclose(pooled.image_embeds, sparse.image_embeds)
 
 
@@ -106,7 +106,7 @@ def test_bad_input_fails_clearly(tmp_path):
     with pytest.raises(ValueError, match="top_k=5 exceeds num_experts=4"):
         AltMoEConfig(num_experts=4, top_k=5)
     model = make("clip")
-    with pytest.raises(ValueError, match="Unknown Alt-MoE direction 'image2text'.*image_to_text"):
+    with pytest.raises(ValueError, match="Unknown Alt-MoE direction 'image2text'.*vision_to_text"):
         with model.base_model.direction("image2text"):
             pass
     with pytest.raises(TowerDiscoveryError, match="no vision tower"):

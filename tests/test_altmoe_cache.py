@@ -96,7 +96,7 @@ def test_training_from_the_cache_gives_the_towers_loss(backbones, tmp_path):
         trainer.setup()
         trainer.train_mode()
         batch = next(iter(trainer.train_loader))
-        with trainer.schedule.step(trainer.model, 0):
+        with trainer.direction_schedule.step(trainer.model, 0):
             out = trainer.model(**trainer.model_inputs(batch))
         losses.append((batch["image_ids"], out.loss.detach()))
     assert torch.equal(losses[0][0], losses[1][0])  # the same (image, caption) pairs

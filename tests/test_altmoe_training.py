@@ -19,25 +19,25 @@ RETRIEVAL = dict(method="altmoe", dataset="synthetic:retrieval",
 
 
 def test_alternating_schedule_strictly_alternates_and_resumes_by_step():
-    schedule = DirectionSchedule(("image_to_text", "text_to_image"))
-    assert [schedule.direction_at(s) for s in range(5)] == ["image_to_text", "text_to_image"] * 2 + ["image_to_text"]
-    assert DirectionSchedule(("image_to_text", "text_to_image"), "joint").direction_at(7) is None
-    with pytest.raises(ValueError, match="schedule mode must be one of .*'alternating', 'joint'.*got 'random'"):
-        DirectionSchedule(("image_to_text",), "random")
+    schedule = DirectionSchedule(("vision_to_text", "text_to_vision"))
+    assert [schedule.direction_at(s) for s in range(5)] == ["vision_to_text", "text_to_vision"] * 2 + ["vision_to_text"]
+    assert DirectionSchedule(("vision_to_text", "text_to_vision"), "joint").direction_at(7) is None
+    with pytest.raises(ValueError, match="direction schedule must be one of .*'alternating', 'joint'.*got 'random'"):
+        DirectionSchedule(("vision_to_text",), "random")
 
 
 def test_each_step_trains_one_direction_and_joint_sums_both():
     model = make("clip").train()
     schedule = DirectionSchedule.for_model(model)
-    assert schedule.mode == "alternating" and schedule.directions == ("image_to_text", "text_to_image")
+    assert schedule.mode == "alternating" and schedule.directions == ("vision_to_text", "text_to_vision")
     tuner, batch = model.base_model, {**make_batch(with_labels=False), "return_loss": True}
-    for step, active in ((0, "image_to_text"), (1, "text_to_image")):
+    for step, active in ((0, "vision_to_text"), (1, "text_to_vision")):
         model.zero_grad(set_to_none=True)
         with schedule.step(model, step):
             out = model(**batch)
             out.loss.backward()
         schedule.release_inactive(model, step)
-        other = "text_to_image" if active == "image_to_text" else "image_to_text"
+        other = "text_to_vision" if active == "vision_to_text" else "vision_to_text"
         assert out.get(active) is not None and out.get(other) is None and out.image_embeds is None
         assert all(p.grad is not None for p in tuner.direction_parameters(active))
         assert all(p.grad is None for p in tuner.direction_parameters(other))
@@ -45,10 +45,10 @@ def test_each_step_trains_one_direction_and_joint_sums_both():
     assert tuner.active_direction is None  # the context restored "both"
     with torch.no_grad():
         losses = {}
-        for direction in ("image_to_text", "text_to_image", None):
+        for direction in ("vision_to_text", "text_to_vision", None):
             with tuner.direction(direction):
                 losses[direction] = model.eval()(**batch).loss
-    torch.testing.assert_close(losses[None], losses["image_to_text"] + losses["text_to_image"])
+    torch.testing.assert_close(losses[None], losses["vision_to_text"] + losses["text_to_vision"])
 
 
 def test_retrieval_recipe_trains_and_reports_recall(backbones, tmp_path, capsys):
@@ -74,6 +74,6 @@ def test_two_cpu_processes_train_identical_connectors(backbones, tmp_path):
         tmp_path, *backbones, "--method", "altmoe", "--dataset", "synthetic:retrieval",
         "--method_config", json.dumps(RETRIEVAL["method_config"]))
     changed = {key for key in initial if not torch.equal(initial[key], final[key])}
-    assert any("input_projections.image_to_text" in key for key in changed)
-    assert any("input_projections.text_to_image" in key for key in changed)
+    assert any("input_projections.vision_to_text" in key for key in changed)
+    assert any("input_projections.text_to_vision" in key for key in changed)
     assert "eval_rsum" in json.loads((tmp_path / "run" / "metrics.json").read_text())

@@ -11,7 +11,7 @@ from torch import nn
 
 from mmexperts.errors import MMExpertsError, NonFiniteLossError
 from mmexperts.training import alternating, engine
-from mmexperts.training.engine import Engine, adamw_with_schedule, schedule_factor, without
+from mmexperts.training.engine import Engine, adamw_with_lr_scheduler, lr_factor, without
 from mmexperts.training.methods import labelled_inputs, method_hooks, retrieval_inputs
 
 from conftest import make_altmoe as make
@@ -80,7 +80,7 @@ def test_clipping_bounds_the_update():
 
 def test_a_non_finite_loss_skips_the_update_and_too_many_stop_training():
     model = WithLoss(Regression())
-    optimizer, scheduler = adamw_with_schedule(model.parameters(), 0.1, steps=10, warmup=0)
+    optimizer, scheduler = adamw_with_lr_scheduler(model.parameters(), 0.1, steps=10, warmup=0)
     trainer = Engine(model, optimizer, scheduler, max_nonfinite_in_a_row=2)
     poisoned = {**batches(1)[0], "x": torch.full((4, 4), math.nan)}
     before = weights(model)
@@ -102,9 +102,9 @@ def test_each_step_updates_only_the_active_directions_parameters():
     private = {d: {id(p) for p in tuner.direction_parameters(d)} for d in tuner.directions}
     names = {d: {n for n, p in model.named_parameters() if id(p) in private[d]} for d in private}
     trainer = Engine(model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2))
-    assert trainer.schedule.mode == "alternating" and trainer.hooks.model_inputs is retrieval_inputs
+    assert trainer.direction_schedule.mode == "alternating" and trainer.hooks.model_inputs is retrieval_inputs
     batch = {**make_batch(with_labels=False), "image_ids": torch.arange(4)}  # the hook drops the ids
-    for step, active in enumerate(("image_to_text", "text_to_image"), start=1):
+    for step, active in enumerate(("vision_to_text", "text_to_vision"), start=1):
         before = weights(model)
         trainer.run([batch], max_steps=step)
         changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p)}
@@ -141,13 +141,13 @@ def test_plain_models_get_the_default_hooks_and_inputs_can_be_overridden():
         silent.run(batches(1))
 
 
-def test_schedule_warms_up_linearly_then_decays_by_cosine_or_stays():
-    cosine, constant = schedule_factor(20, 4), schedule_factor(20, 4, "constant")
+def test_lr_factor_warms_up_linearly_then_decays_by_cosine_or_stays():
+    cosine, constant = lr_factor(20, 4), lr_factor(20, 4, "constant")
     assert [cosine(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0] == [constant(s) for s in range(4)]
     assert cosine(4) < 1.0 and cosine(19) < 0.05 and all(cosine(s) > cosine(s + 1) for s in range(3, 19))
     assert {constant(s) for s in range(4, 40)} == {1.0}
     with pytest.raises(ValueError, match="decay must be one of"):
-        schedule_factor(10, 1, "linear")
+        lr_factor(10, 1, "linear")
 
 
 def test_an_epoch_of_micro_batches_that_accumulation_does_not_divide_is_used_whole():

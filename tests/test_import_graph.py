@@ -17,10 +17,10 @@ ROOT = "mmexperts"
 # module belongs to its longest listed match and may import from its own layer or below.
 LAYERS: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ("core", ("mmexperts.errors", "mmexperts.atomic", "mmexperts.checksums", "mmexperts.context",
-              "mmexperts.registry", "mmexperts.docstrings", "mmexperts.metrics", "mmexperts.plots",
+              "mmexperts.registry", "mmexperts.docstrings", "mmexperts.renames", "mmexperts.metrics", "mmexperts.plots",
               "mmexperts.retrieval"),
-     "utilities that know no model: errors, file safety, call context, PEFT types, config docs, metrics, plots and "
-     "the vector store"),
+     "utilities that know no model: errors, file safety, call context, PEFT types, config docs and renamed fields, "
+     "metrics, plots and the vector store"),
     ("moe", ("mmexperts.moe",),
      "routers, experts and their losses on plain tensors"),
     ("models", ("mmexperts.towers", "mmexperts.conditioning", "mmexperts.prefix", "mmexperts.modeling"),

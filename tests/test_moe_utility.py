@@ -89,7 +89,7 @@ def test_bad_masks_and_schedules_are_clear_errors():
         check_mask(torch.ones(4, dtype=torch.bool), 3)
     with pytest.raises(ValueError, match="Cannot prune 2 of the 2 active experts"):
         prune_lowest(torch.zeros(3), torch.tensor([True, False, True]), 2)
-    with pytest.raises(ValueError, match="schedule must be one of"):
+    with pytest.raises(ValueError, match="pruning_schedule must be one of"):
         prune_to_sparsity(lambda m: torch.zeros(4), torch.ones(4, dtype=torch.bool), 0.5, "gradual")
     with pytest.raises(ValueError, match="already prunes 2 experts, more than sparsity 0.25"):
         prune_to_sparsity(lambda m: torch.zeros(4), torch.tensor([True, False, False, True]), 0.25)

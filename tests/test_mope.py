@@ -156,7 +156,7 @@ def test_without_experts_blocks_keep_static_and_mapped_prompts_only():
     ({"prompt_length": -1}, "prompt_length"),
     ({"num_experts": 2.5}, "num_experts"), ({"static_prompt_length": -2}, "static_prompt_length"),
     ({"prompted_tower": "audio"}, "prompted_tower"), ({"router_temperature": 0}, "router_temperature"),
-    ({"router_self_dim": 0, "router_cross_dim": 0}, "router_self_dim"),
+    ({"router_self_size": 0, "router_cross_size": 0}, "router_self_size"),
     ({"prompt_mode": "suffix"}, "prompt_mode must be one of .*'suffix'"),
 ])
 def test_invalid_config_values(kwargs, message):

@@ -20,6 +20,7 @@ import pickle
 import re
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import peft
@@ -29,7 +30,7 @@ import yaml
 from peft import AutoPeftModel, PeftConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import ModulesToSaveWrapper
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModel
 from transformers.utils import ModelOutput
@@ -47,7 +48,9 @@ from mmexperts import (
     find_towers,
     push_adapter_to_hub,
 )
+from mmexperts.altmoe.config import RENAMED_DIRECTIONS
 from mmexperts.altmoe.layer import AltMoELayer
+from mmexperts.errors import ConfigError
 
 from conftest import HIDDEN, make_batch, make_classifier, make_clip, make_dual_encoder, make_siglip
 
@@ -81,14 +84,14 @@ METHODS = {
         num_layers=4, own_fields=("aux_loss", "routing_weights"), experts=r"\.mope_experts\.",
         trains_head=True, lives_in_towers=True, multi_active_error=None),
     "s3": Method(  # the paper design: per-modality MoE encoder layers
-        config=lambda **kw: S3Config(**{"design": "paper", "num_experts": 4, "top_k": 2, "latent_dim": 16,
+        config=lambda **kw: S3Config(**{"design": "paper", "num_experts": 4, "top_k": 2, "latent_size": 16,
                                         "init_weights": False, **kw}),
         fewest_experts={"num_experts": 1, "top_k": 1}, tuner=S3Model, layer=S3Layer, peft_type=MMExpertsPeftType.S3,
         num_layers=2, own_fields=("aux_loss", "routing_weights", "fused_embeds", "modality_embeds"),
         experts=r"\.s3_encoder\.[^.]+\.blocks\.\d+\.moe\.experts\.", trains_head=False, lives_in_towers=False,
         multi_active_error=None, headless_effect="fused_embeds"),
     "s3_concepts": Method(
-        config=lambda **kw: S3Config(**{"design": "concepts", "num_experts": 4, "latent_dim": 16,
+        config=lambda **kw: S3Config(**{"design": "concepts", "num_experts": 4, "latent_size": 16,
                                         "init_weights": False, **kw}),
         fewest_experts={"num_experts": 1}, tuner=S3Model, layer=S3Layer, peft_type=MMExpertsPeftType.S3,
         num_layers=2, own_fields=("aux_loss", "routing_weights", "concept_embeds", "fused_embeds"),
@@ -99,8 +102,8 @@ METHODS = {
                                             "init_weights": False, **kw}),
         fewest_experts={"num_experts": 1, "top_k": 1}, tuner=AltMoEModel, layer=AltMoELayer,
         peft_type=MMExpertsPeftType.ALTMOE, num_layers=1,
-        own_fields=("aux_loss", "routing_weights", "image_to_text.embeds", "image_to_text.latent",
-                    "text_to_image.embeds", "text_to_image.latent"),
+        own_fields=("aux_loss", "routing_weights", "vision_to_text.embeds", "vision_to_text.latent",
+                    "text_to_vision.embeds", "text_to_vision.latent"),
         experts=r"\.altmoe_connector\.[^.]+\.experts\.", trains_head=False, lives_in_towers=False,
         multi_active_error="set_adapter"),
 }
@@ -232,7 +235,7 @@ ALL = cases()
 
 
 def fields_of(out) -> dict[str, torch.Tensor]:
-    """The tensors of a model output, flattened (``image_to_text.latent``, ``routing_weights.<adapter>``); the
+    """The tensors of a model output, flattened (``vision_to_text.latent``, ``routing_weights.<adapter>``); the
     towers' raw outputs (``vision_model_output``...) are left out, their summaries are compared already."""
     flat = {}
 
@@ -634,6 +637,47 @@ def test_load_under_any_adapter_name(case, store, tmp_path):
     loaded = PeftModel.from_pretrained(case.make_base(), tmp_path / "custom").eval()
     assert loaded.active_adapters == ["default"]
     assert_same(run(loaded, case), second_outputs)
+
+
+def with_earlier_names(saved: Saved, folder: Path) -> dict[str, str]:
+    """Write ``saved``'s adapter into ``folder`` as it was saved before its fields (and Alt-MoE's direction names in
+    weight keys) were renamed; returns the renamed fields, earlier name -> current name."""
+    config = json.loads(Path(saved.safe_dir, "adapter_config.json").read_text())
+    renamed_fields = type(saved.model.peft_config["default"]).renamed_fields
+    renamed = {old: new for old, new in renamed_fields.items() if new in config}
+    for old, new in renamed.items():
+        config[old] = config.pop(new)
+    earlier = {current: old for old, current in RENAMED_DIRECTIONS.items()}
+    tensors = {".".join(earlier.get(part, part) for part in key.split(".")): value
+               for key, value in load_file(os.path.join(saved.safe_dir, "adapter_model.safetensors")).items()}
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    return renamed
+
+
+@ALL
+def test_adapter_saved_under_earlier_names_loads_the_same(case, store, tmp_path):
+    saved = store.saved(case)
+    renamed = with_earlier_names(saved, tmp_path / "earlier")
+    assert renamed, "every method has renamed fields"
+    if case.method == "altmoe":
+        assert any("image_to_text" in key for key in load_file(str(tmp_path / "earlier/adapter_model.safetensors")))
+    with pytest.warns(FutureWarning, match="is now called") as caught:
+        loaded = PeftModel.from_pretrained(case.make_base(), str(tmp_path / "earlier")).eval()
+    assert {str(w.message).split("'")[1] for w in caught if "is now called" in str(w.message)} == set(renamed)
+    unsaved = ("inference_mode", "auto_mapping", "base_model_name_or_path")
+    assert dataclasses.replace(loaded.peft_config["default"], **{k: None for k in unsaved}) == \
+        dataclasses.replace(saved.model.peft_config["default"], **{k: None for k in unsaved})
+    state_dicts_equal(saved.model, loaded)
+    assert_same(run(loaded, case), saved.outputs)
+
+    config_file = tmp_path / "earlier/adapter_config.json"  # both names at once: refused, naming both
+    config = json.loads(config_file.read_text())
+    old, new = next(iter(renamed.items()))
+    config_file.write_text(json.dumps({**config, new: config[old]}))
+    with pytest.raises(ConfigError, match=f"sets both '{old}' .*and '{new}'; keep only '{new}'"):
+        PeftModel.from_pretrained(case.make_base(), str(tmp_path / "earlier"))
 
 
 @ALL

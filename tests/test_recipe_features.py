@@ -86,7 +86,7 @@ def test_recipe_trains_s3_on_a_tiny_multibench_pickle(tmp_path, capsys):
     out = tmp_path / "run"
     flags = ["--config", "none", "--method", "s3", "--dataset", "multibench:mosi", "--data_dir", str(tmp_path / "data"),
              "--batch_size", "2", "--eval_batch_size", "4", "--max_steps", "2", "--warmup_steps", "1",
-             "--output_dir", str(out), "--method_config", "{num_experts: 4, latent_dim: 16}"]
+             "--output_dir", str(out), "--method_config", "{num_experts: 4, latent_size: 16}"]
     assert load_recipe_module().main(flags) == 0, capsys.readouterr().err
     assert "modality_a 50x5, modality_b 50x6" in capsys.readouterr().out  # MultiBench's vision and text, length 50
     results = json.loads((out / "metrics.json").read_text())

@@ -126,7 +126,7 @@ def test_bad_arguments_are_refused_before_anything_is_written(monkeypatch, argum
 
 @pytest.mark.parametrize("config, make_base", [
     (lambda: MoPEConfig(init_weights=False), make_classifier),
-    (lambda: S3Config(num_experts=2, top_k=1, latent_dim=8, init_weights=False), make_classifier),
+    (lambda: S3Config(num_experts=2, top_k=1, latent_size=8, init_weights=False), make_classifier),
     (lambda: AltMoEConfig(num_experts=2, top_k=1, hidden_size=8, init_weights=False), make_clip),
 ], ids=["mope", "s3", "altmoe"])
 def test_peft_resolves_our_types_when_building_saving_and_loading(tmp_path, config, make_base):

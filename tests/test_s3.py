@@ -46,9 +46,9 @@ def factor_batches(n: int, seed: int, batch: int = 64) -> tuple[list[dict], torc
 
 def feature_s3(num_experts: int = 4, seed: int = 0, **kwargs) -> peft.PeftModel:
     torch.manual_seed(seed)
-    base = FeatureEncoderForClassification(FeatureEncoderConfig(feature_dim_a=DIM, feature_dim_b=DIM, hidden_size=16,
+    base = FeatureEncoderForClassification(FeatureEncoderConfig(feature_size_a=DIM, feature_size_b=DIM, hidden_size=16,
                                                                 num_hidden_layers=1, num_labels=2))
-    return peft.get_peft_model(base, S3Config(design="concepts", num_experts=num_experts, latent_dim=16, **kwargs))
+    return peft.get_peft_model(base, S3Config(design="concepts", num_experts=num_experts, latent_size=16, **kwargs))
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +145,7 @@ def test_prune_removes_round_sparsity_times_k_experts(trained, sparsity, schedul
     tuner = model.base_model
     try:
         finetunes = []
-        mask = tuner.prune(sparsity, test, criterion="gate_mass", schedule=schedule, on_prune=finetunes.append)
+        mask = tuner.prune(sparsity, test, criterion="gate_mass", pruning_schedule=schedule, on_prune=finetunes.append)
         assert int((~mask).sum()) == round(sparsity * 4)
         assert torch.equal(tuner.get_expert_mask(), mask)
         assert len(finetunes) == (round(sparsity * 4) if schedule == "progressive" else int(sparsity > 0))
@@ -215,7 +215,7 @@ def test_sum_head_reads_the_fused_concepts():
 
 
 def test_padding_does_not_change_the_concepts():
-    config = S3Config(design="concepts", num_experts=4, latent_dim=16, init_weights=False)
+    config = S3Config(design="concepts", num_experts=4, latent_size=16, init_weights=False)
     model = peft.get_peft_model(make_classifier(), config).eval()
     batch = make_batch()
     changed = {**batch, "input_ids": batch["input_ids"].clone()}
@@ -249,7 +249,7 @@ def test_standalone_concepts_core_resolves_a_default_ssl_weight_and_trains():
     from mmexperts.s3 import S3Core
 
     torch.manual_seed(0)
-    config = S3Config(design="concepts", num_experts=2, latent_dim=8)
+    config = S3Config(design="concepts", num_experts=2, latent_size=8)
     assert config.ssl_loss_weight is None
     tokens, mask, experts = torch.randn(4, 5, 8), torch.ones(4, 5, dtype=torch.bool), torch.ones(2, dtype=torch.bool)
     for num_labels, weight in ((0, 1.0), (2, 0.0)):
@@ -266,7 +266,7 @@ def test_standalone_concepts_core_resolves_a_default_ssl_weight_and_trains():
     assert config.ssl_loss_weight is None  # the core reads a default; it does not write one into the shared config
 
 def test_sparsity_sweep_writes_csv_and_plots(tmp_path):
-    config = SweepConfig(num_train=64, num_eval=32, sparsities="0,0.5", seeds="0", num_experts=4, latent_dim=8,
+    config = SweepConfig(num_train=64, num_eval=32, sparsities="0,0.5", seeds="0", num_experts=4, latent_size=8,
                          hidden_size=8, epochs=1, finetune_epochs=1, batch_size=32, criterion="gate_mass",
                          output_dir=str(tmp_path / "sweep"))
     result = sparsity_sweep(config)
@@ -281,7 +281,7 @@ def test_sparsity_sweep_writes_csv_and_plots(tmp_path):
 
 def test_recipe_trains_s3(backbones, tmp_path):  # noqa: F811
     results = train(tiny_config(backbones, tmp_path, method="s3",
-                                method_config={"num_experts": 4, "latent_dim": 16, "init_weights": False}))
+                                method_config={"num_experts": 4, "latent_size": 16, "init_weights": False}))
     assert results["method"] == "s3" and 0 <= results["eval_accuracy"] <= 1
     assert (tmp_path / "adapter" / "routing.png").stat().st_size > 1000
     assert "S3" in (tmp_path / "adapter" / "README.md").read_text()
@@ -328,7 +328,7 @@ def test_bad_sparsity_masks_and_task_ids_are_clear_errors():
 
 def test_recipe_trains_the_paper_design_stage_one_with_its_probe(backbones, tmp_path):  # noqa: F811
     trainer = Trainer(tiny_config(backbones, tmp_path, method="s3", max_steps=4,
-                                  method_config={"num_experts": 4, "latent_dim": 16, "init_weights": False}))
+                                  method_config={"num_experts": 4, "latent_size": 16, "init_weights": False}))
     trainer.setup()
     model = trainer.accelerator.unwrap_model(trainer.model)
     assert model.peft_config["default"].design == "paper" and model.peft_config["default"].stage == "specialization"

@@ -26,7 +26,7 @@ from conftest import make_batch, make_classifier, make_clip, make_dual_encoder, 
 
 def make_features() -> FeatureEncoderForClassification:
     torch.manual_seed(0)
-    return FeatureEncoderForClassification(FeatureEncoderConfig(feature_dim_a=12, feature_dim_b=10, hidden_size=16,
+    return FeatureEncoderForClassification(FeatureEncoderConfig(feature_size_a=12, feature_size_b=10, hidden_size=16,
                                                                 num_labels=3)).eval()
 
 
@@ -51,7 +51,7 @@ def inputs_for(kind: str, seed: int = 0) -> dict:
 def make_s3(kind: str, seed: int = 0, adapter_name: str = "default", base=None, **kwargs) -> PeftModel:
     base = FACTORIES[kind]() if base is None else base
     torch.manual_seed(seed)
-    defaults = {"design": "concepts", "num_experts": 4, "latent_dim": 16, "init_weights": False}
+    defaults = {"design": "concepts", "num_experts": 4, "latent_size": 16, "init_weights": False}
     if kind in ("dual_encoder", "clip", "siglip"):
         defaults["num_labels"] = 3
     return get_peft_model(base, S3Config(**{**defaults, **kwargs}), adapter_name=adapter_name)
@@ -157,7 +157,7 @@ def test_init_weights_zero_heads_give_zero_logits():
 def test_two_active_adapters_keep_their_concepts_and_sum_their_logits():
     model = make_s3("dual_encoder").eval()
     out_default = run(model, "dual_encoder")
-    model.add_adapter("other", S3Config(design="concepts", num_experts=3, latent_dim=8, num_labels=3,
+    model.add_adapter("other", S3Config(design="concepts", num_experts=3, latent_size=8, num_labels=3,
                                         init_weights=False))
     model.set_adapter("other")
     out_other = run(model, "dual_encoder")

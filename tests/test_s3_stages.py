@@ -24,7 +24,7 @@ VISION_TOKENS = 26  # (30 / 6)^2 patches + [CLS] of the tiny ViT
 def paper_s3(base=None, seed: int = 0, **kwargs) -> PeftModel:
     base = make_classifier() if base is None else base
     torch.manual_seed(seed)
-    defaults = {"design": "paper", "num_experts": 4, "top_k": 2, "latent_dim": 16, "init_weights": False}
+    defaults = {"design": "paper", "num_experts": 4, "top_k": 2, "latent_size": 16, "init_weights": False}
     return peft.get_peft_model(base, S3Config(**{**defaults, **kwargs}))
 
 
@@ -194,7 +194,7 @@ def test_save_load_keeps_keep_ratio_stage_and_routers(tmp_path):
 
 def test_adapters_saved_without_a_design_load_as_concept_adapters(tmp_path):
     torch.manual_seed(0)
-    model = peft.get_peft_model(make_classifier(), S3Config(design="concepts", num_experts=4, latent_dim=16,
+    model = peft.get_peft_model(make_classifier(), S3Config(design="concepts", num_experts=4, latent_size=16,
                                                             init_weights=False)).eval()
     model.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
@@ -211,7 +211,7 @@ def test_granularity_and_expansion():
     config = S3Config.from_granularity(4, 2)
     assert (config.num_experts, config.top_k, config.design) == (8, 4, "paper")
     assert S3Config().top_k == 2 and S3Config(num_experts=1).top_k == 1
-    assert config.hidden_dim == 4 * config.latent_dim // 4  # the active experts add up to one dense 4d FFN
+    assert config.mlp_hidden_size == 4 * config.latent_size // 4  # the active experts add up to one dense 4d FFN
 
 
 @pytest.mark.parametrize("kwargs,field,match", [
@@ -219,7 +219,7 @@ def test_granularity_and_expansion():
     ({"keep_ratio": 1.5}, "keep_ratio", r"keep_ratio must be in \(0, 1\], got 1.5"),
     ({"stage": "pruning"}, "stage", "stage must be one of"),
     ({"design": "slots"}, "design", "design must be one of"),
-    ({"latent_dim": 10, "num_heads": 4}, "num_heads", "num_heads=4 must divide latent_dim=10"),
+    ({"latent_size": 10, "num_heads": 4}, "num_heads", "num_heads=4 must divide latent_size=10"),
     ({"num_tasks": 2}, "num_tasks", "design='concepts'"),
     ({"design": "concepts", "keep_ratio": 0.5}, "keep_ratio", "belongs to design='paper'"),
     ({"top_k": 9}, "top_k", "top_k must be an integer between 1 and 8"),
@@ -248,7 +248,7 @@ def test_runtime_setters_and_design_mixups_are_clear_errors():
         model(**make_batch(with_labels=False))
     with pytest.raises(ValueError, match="one integer class label per example"):
         model(**{**make_batch(), "labels": torch.rand(4)})
-    concepts = peft.get_peft_model(make_classifier(), S3Config(design="concepts", num_experts=4, latent_dim=16))
+    concepts = peft.get_peft_model(make_classifier(), S3Config(design="concepts", num_experts=4, latent_size=16))
     with pytest.raises(ValueError, match="belongs to S3's paper design.*design='concepts'"):
         concepts.base_model.set_keep_ratio(0.5)
     with pytest.raises(ValueError, match="paper design"):

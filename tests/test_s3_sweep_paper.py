@@ -38,7 +38,7 @@ from conftest import start_sweep as start
 from conftest import sweep_rows as rows
 
 PAPER = dict(design="paper", num_train=64, num_eval=48, seeds="0,1", granularities="1,2", keep_ratios="0.25,0.5,1.0",
-             latent_dim=8, hidden_size=8, stage1_epochs=1, stage2_epochs=1, batch_size=32, eval_batch_size=32)
+             latent_size=8, hidden_size=8, stage1_epochs=1, stage2_epochs=1, batch_size=32, eval_batch_size=32)
 CELLS = [(seed, chi, p) for seed in (0, 1) for chi in (1, 2) for p in (0.25, 0.5, 1.0)]
 
 
@@ -149,7 +149,7 @@ def test_a_folder_of_another_config_or_design_is_refused_in_one_line(tmp_path, c
 @pytest.mark.parametrize(("overrides", "field"), [
     ({"keep_ratios": "0,0.5"}, "keep_ratios"), ({"keep_ratios": "0.5,half"}, "keep_ratios"),
     ({"granularities": "0,2"}, "granularities"), ({"granularities": "2,2"}, "granularities"),
-    ({"stage2_epochs": -1}, "stage2_epochs"), ({"latent_dim": 6}, "latent_dim"), ({"design": "dense"}, "design"),
+    ({"stage2_epochs": -1}, "stage2_epochs"), ({"latent_size": 6}, "latent_size"), ({"design": "dense"}, "design"),
 ])
 def test_bad_paper_fields_are_config_errors_before_any_training(overrides, field, tmp_path, monkeypatch):
     monkeypatch.setattr(sweep, "run_paper_cells", lambda *args: pytest.fail("trained on a bad config"))

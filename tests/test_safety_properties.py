@@ -85,9 +85,9 @@ PROBABILITY = Float(0, 1, high_open=True)
 # S3 validates every field in both designs (a field of the other design is checked, then unused); what differs by
 # design are the rules across fields, in cross_field_error.
 S3_RULES = {
-    **SHARED, "design": Choice("paper", "concepts"), "num_experts": Int(1), "latent_dim": Int(1),
-    "expert_hidden_dim": Int(1, optional=True), "expert_dim": Int(1, optional=True), "top_k": Int(1, optional=True),
-    "num_tasks": Int(1), "task_embedding_dim": Int(1), "num_labels": Int(0, optional=True), "token_layer": Int(),
+    **SHARED, "design": Choice("paper", "concepts"), "num_experts": Int(1), "latent_size": Int(1),
+    "expert_hidden_size": Int(1, optional=True), "expert_size": Int(1, optional=True), "top_k": Int(1, optional=True),
+    "num_tasks": Int(1), "task_embedding_size": Int(1), "num_labels": Int(0, optional=True), "token_layer": Int(),
     "num_layers": Int(1), "num_heads": Int(1), "keep_ratio": Float(0, 1, low_open=True),
     "stage": Choice("specialization", "selection"), "assignment_temperature": Float(0, low_open=True),
     "router_temperature": Float(0, low_open=True), "ssl_temperature": Float(0, low_open=True),
@@ -103,7 +103,7 @@ RULES = {  # per method: S3 has a row per design
         **SHARED, "prompted_tower": Choice("vision", "text"), "prompt_mode": Choice("tokens", "prefix"),
         "num_experts": Int(0), "prompt_length": Int(1), "static_prompt_length": Int(0),
         "mapped_prompt_length": Int(0), "complementary_prompt_length": Int(0), "mapper_hidden_size": Int(0),
-        "router_self_dim": Int(0), "router_cross_dim": Int(0), "router_temperature": Float(0, low_open=True),
+        "router_self_size": Int(0), "router_cross_size": Int(0), "router_temperature": Float(0, low_open=True),
         "router_noise_std": Float(0), "importance_loss_weight": Float(0), "importance_threshold": Float(0),
         "prompt_dropout": PROBABILITY,
     },
@@ -113,7 +113,7 @@ RULES = {  # per method: S3 has a row per design
         **SHARED, "num_experts": Int(1), "top_k": Int(1), "hidden_size": Int(1),
         "expert_hidden_size": Int(1, optional=True), "dropout": PROBABILITY, "router_noise_std": Float(0),
         "temperature": Float(0, low_open=True), "alpha": Float(0, 1), "load_balance_loss_weight": Float(0),
-        "dispatch": Choice(*DISPATCH_MODES), "schedule": Choice("alternating", "joint"),
+        "dispatch": Choice(*DISPATCH_MODES), "direction_schedule": Choice("alternating", "joint"),
         "regression_loss": Choice("smooth_l1", "l2"),
     },
 }
@@ -125,14 +125,14 @@ def cross_field_error(cls, kwargs: dict) -> str | None:
     if cls is MoPEConfig:
         if get("num_experts") == 0 and not (get("static_prompt_length") or get("mapped_prompt_length")):
             return "num_experts"
-        if get("num_experts") and get("router_self_dim") + get("router_cross_dim") < 1:
-            return "router_self_dim"
+        if get("num_experts") and get("router_self_size") + get("router_cross_size") < 1:
+            return "router_self_size"
         return None
     # S3 paper design: top_k None means min(2, num_experts), which always fits
     if get("top_k") is not None and get("top_k") > get("num_experts"):
         return "top_k"
     if cls is S3Config and get("design") == "paper":
-        if get("latent_dim") % get("num_heads"):  # each attention head gets latent_dim / num_heads channels
+        if get("latent_size") % get("num_heads"):  # each attention head gets latent_size / num_heads channels
             return "num_heads"
         if get("num_tasks") != 1:  # one task: the linear probe
             return "num_tasks"
@@ -177,7 +177,7 @@ def mope_kwargs(draw) -> dict:
         num_experts=draw(st.integers(0, 4)), prompt_length=draw(st.integers(1, 3)),
         static_prompt_length=draw(st.integers(0, 3)), mapped_prompt_length=draw(st.integers(0, 3)),
         complementary_prompt_length=draw(st.integers(0, 3)), mapper_hidden_size=draw(st.integers(0, 16)),
-        router_self_dim=draw(st.integers(0, 4)), router_cross_dim=draw(st.integers(0, 4)),
+        router_self_size=draw(st.integers(0, 4)), router_cross_size=draw(st.integers(0, 4)),
         router_temperature=draw(unit(0.05, 2.0)), router_noise_std=draw(unit(0, 0.1)),
         importance_loss_weight=draw(unit()), importance_threshold=draw(unit()), prompt_dropout=draw(unit(0, 0.9)),
         routed_layers=draw(st.none() | st.lists(st.integers(0, BLOCKS - 1), min_size=1, max_size=BLOCKS, unique=True)),
@@ -185,8 +185,8 @@ def mope_kwargs(draw) -> dict:
     )
     if kwargs["num_experts"] == 0 and not (kwargs["static_prompt_length"] or kwargs["mapped_prompt_length"]):
         kwargs["static_prompt_length"] = 1
-    if kwargs["num_experts"] and kwargs["router_self_dim"] + kwargs["router_cross_dim"] < 1:
-        kwargs["router_self_dim"] = 1
+    if kwargs["num_experts"] and kwargs["router_self_size"] + kwargs["router_cross_size"] < 1:
+        kwargs["router_self_size"] = 1
     return kwargs
 
 
@@ -196,8 +196,8 @@ def s3_kwargs(draw) -> dict:
     num_experts, num_heads = draw(st.integers(1, 4)), draw(st.integers(1, 4))
     return dict(
         design="paper", num_experts=num_experts, top_k=draw(st.none() | st.integers(1, num_experts)),
-        num_heads=num_heads, latent_dim=num_heads * draw(st.integers(1, 4)), num_layers=draw(st.integers(1, 2)),
-        expert_hidden_dim=draw(st.none() | st.integers(1, 16)), keep_ratio=draw(st.just(1.0) | unit(0.01, 1.0)),
+        num_heads=num_heads, latent_size=num_heads * draw(st.integers(1, 4)), num_layers=draw(st.integers(1, 2)),
+        expert_hidden_size=draw(st.none() | st.integers(1, 16)), keep_ratio=draw(st.just(1.0) | unit(0.01, 1.0)),
         stage=draw(st.sampled_from(("specialization", "selection"))),
         num_labels=draw(st.sampled_from((None, 0, 1, 2, 3, 5))), token_layer=draw(st.integers(-BLOCKS, BLOCKS - 1)),
         dispatch=draw(st.sampled_from(DISPATCH_MODES)), dropout=draw(unit(0, 0.5)),
@@ -214,10 +214,10 @@ def s3_concepts_kwargs(draw) -> dict:
     """The concepts design; the paper design's own fields stay at their defaults."""
     num_experts = draw(st.integers(1, 4))
     return dict(
-        design="concepts", num_experts=num_experts, latent_dim=draw(st.integers(4, 16)),
-        expert_hidden_dim=draw(st.none() | st.integers(1, 16)), expert_dim=draw(st.none() | st.integers(1, 16)),
+        design="concepts", num_experts=num_experts, latent_size=draw(st.integers(4, 16)),
+        expert_hidden_size=draw(st.none() | st.integers(1, 16)), expert_size=draw(st.none() | st.integers(1, 16)),
         top_k=draw(st.none() | st.integers(1, num_experts)), num_tasks=draw(st.integers(1, 3)),
-        task_embedding_dim=draw(st.integers(1, 8)), num_labels=draw(st.sampled_from((None, 0, 1, 2, 3, 5))),
+        task_embedding_size=draw(st.integers(1, 8)), num_labels=draw(st.sampled_from((None, 0, 1, 2, 3, 5))),
         token_layer=draw(st.integers(-BLOCKS, BLOCKS - 1)), head_input=draw(st.sampled_from(("concat", "sum"))),
         dispatch=draw(st.sampled_from(DISPATCH_MODES)), dropout=draw(unit(0, 0.5)),
         assignment_temperature=draw(unit(0.1, 2.0)), router_temperature=draw(unit(0.1, 2.0)),
@@ -238,7 +238,7 @@ def altmoe_kwargs(draw) -> dict:
         dispatch=draw(st.sampled_from(DISPATCH_MODES)), pooled_input=draw(st.booleans()),
         temperature=draw(unit(0.01, 1.0)), alpha=draw(unit()),
         regression_loss=draw(st.sampled_from(("smooth_l1", "l2"))), load_balance_loss_weight=draw(unit()),
-        schedule=draw(st.sampled_from(("alternating", "joint"))), init_weights=draw(st.booleans()),
+        direction_schedule=draw(st.sampled_from(("alternating", "joint"))), init_weights=draw(st.booleans()),
     )
 
 
@@ -246,9 +246,9 @@ METHODS = {"mope": (MoPEConfig, mope_kwargs()), "s3": (S3Config, s3_kwargs()),
            "s3_concepts": (S3Config, s3_concepts_kwargs()), "altmoe": (AltMoEConfig, altmoe_kwargs())}
 SMALL = {  # one fixed valid base per method (top_k=1 < num_experts so both bounds of top_k are reachable)
     "mope": dict(num_experts=2, prompt_length=1, static_prompt_length=1, mapped_prompt_length=1,
-                 complementary_prompt_length=1, mapper_hidden_size=8, router_self_dim=1, router_cross_dim=1),
-    "s3": dict(design="paper", num_experts=2, latent_dim=8, top_k=1, num_heads=2),
-    "s3_concepts": dict(design="concepts", num_experts=2, latent_dim=8, top_k=1),
+                 complementary_prompt_length=1, mapper_hidden_size=8, router_self_size=1, router_cross_size=1),
+    "s3": dict(design="paper", num_experts=2, latent_size=8, top_k=1, num_heads=2),
+    "s3_concepts": dict(design="concepts", num_experts=2, latent_size=8, top_k=1),
     "altmoe": dict(num_experts=2, top_k=1, hidden_size=8),
 }
 
@@ -373,7 +373,7 @@ def test_mope_forward_and_backward(kwargs, shape):
 
 @FORWARD
 @given(kwargs=s3_kwargs(), shape=batches())
-@example(kwargs=dict(design="paper", num_experts=2, top_k=None, num_heads=2, latent_dim=2, num_layers=2,
+@example(kwargs=dict(design="paper", num_experts=2, top_k=None, num_heads=2, latent_size=2, num_layers=2,
                      keep_ratio=5e-324, stage="selection", num_labels=None, ssl_token_drop=0.9),
          shape={"lengths": [1], "length": 1, "left_padding": False, "seed": 0})  # keeps almost nothing, one token
 def test_s3_forward_and_backward(kwargs, shape):
@@ -381,7 +381,7 @@ def test_s3_forward_and_backward(kwargs, shape):
     model = adapted("classifier", S3Config(**kwargs)).eval()
     size, length = batch["input_ids"].shape
     classes = kwargs["num_labels"] or 3  # None: the base's 3 labels, read by S3's probe; 0: no probe, the base's logits
-    experts, width, layers = kwargs["num_experts"], kwargs["latent_dim"], kwargs["num_layers"]
+    experts, width, layers = kwargs["num_experts"], kwargs["latent_size"], kwargs["num_layers"]
     with torch.no_grad():
         out = model(**batch)
     assert out.logits.shape == (size, classes)
@@ -412,7 +412,7 @@ def test_s3_concepts_forward_and_backward(kwargs, shape):
         batch["task_ids"] = torch.randint(0, kwargs["num_tasks"], (size,))
     with torch.no_grad():
         out = model(**batch)
-    experts, concept = kwargs["num_experts"], kwargs["expert_dim"] or kwargs["latent_dim"]
+    experts, concept = kwargs["num_experts"], kwargs["expert_size"] or kwargs["latent_size"]
     assert out.logits.shape == (size, classes)
     assert out.concept_embeds.shape == (size, experts, concept)
     assert out.routing_weights.shape == (1, size, experts)
@@ -459,10 +459,10 @@ def test_altmoe_refuses_mismatched_batch_sizes(images, texts):
 # ---- 4. the size bound -----------------------------------------------------------------------------------------
 SIZE_FIELDS = {
     "mope": ("num_experts", "prompt_length", "static_prompt_length", "mapped_prompt_length",
-             "complementary_prompt_length", "mapper_hidden_size", "router_self_dim", "router_cross_dim"),
-    "s3": ("num_experts", "latent_dim", "expert_hidden_dim", "num_layers", "num_labels"),
-    "s3_concepts": ("num_experts", "latent_dim", "expert_hidden_dim", "expert_dim", "num_tasks", "task_embedding_dim",
-                    "num_labels"),
+             "complementary_prompt_length", "mapper_hidden_size", "router_self_size", "router_cross_size"),
+    "s3": ("num_experts", "latent_size", "expert_hidden_size", "num_layers", "num_labels"),
+    "s3_concepts": ("num_experts", "latent_size", "expert_hidden_size", "expert_size", "num_tasks",
+                    "task_embedding_size", "num_labels"),
     "altmoe": ("num_experts", "hidden_size", "expert_hidden_size"),
 }
 KINDS = {"mope": "classifier", "s3": "classifier", "s3_concepts": "classifier", "altmoe": "dual_encoder"}

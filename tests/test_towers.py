@@ -172,7 +172,7 @@ def test_a_tower_without_config_takes_its_width_from_its_first_blocks_query_and_
 
 def test_feature_encoders_put_modality_a_in_the_vision_slot_and_modality_b_in_the_text_slot():
     torch.manual_seed(0)
-    model = FeatureEncoderForClassification(FeatureEncoderConfig(feature_dim_a=6, feature_dim_b=5, hidden_size=16,
+    model = FeatureEncoderForClassification(FeatureEncoderConfig(feature_size_a=6, feature_size_b=5, hidden_size=16,
                                                                  num_hidden_layers=3))
     towers = find_towers(model)
     assert (towers["vision"].module, towers["text"].module) == (model.modality_a_model, model.modality_b_model)
@@ -271,3 +271,20 @@ def test_masked_mean_averages_real_tokens_only_and_an_all_padding_row_gives_zero
         torch.testing.assert_close(mean[0], tokens[0].mean(0))
         torch.testing.assert_close(mean[1], tokens[1, :2].mean(0))
         assert torch.equal(mean[2], torch.zeros(5))
+
+
+def test_a_model_can_name_its_towers_inputs_under_other_names_than_the_towers_own():
+    torch.manual_seed(0)
+    model = FeatureEncoderForClassification(FeatureEncoderConfig(feature_size_a=6, feature_size_b=5, hidden_size=16))
+    towers = find_towers(model)
+    assert towers["vision"].input_names == ("features_a", "attention_mask_a")
+    assert towers["text"].input_names == ("features_b", "attention_mask_b")
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    call = {"features_a": torch.randn(2, 3, 6), "features_b": torch.randn(2, 4, 5), "attention_mask_b": mask}
+    assert set(towers["vision"].select_inputs(call)) == {"features"}
+    selected = towers["text"].select_inputs(call)
+    assert selected.keys() == {"features", "attention_mask"} and selected["attention_mask"] is mask
+    with torch.no_grad():  # the tower run on its selected inputs is the tower the model runs
+        alone = towers["text"].module(**selected).pooler_output
+        assert torch.equal(alone, model(**call).modality_b_embeds)
+    assert towers["vision"].select_inputs({"features_b": call["features_b"]}) == {}

@@ -29,7 +29,7 @@ PROBE_NOTE = ("`{a}_only_*` and `{b}_only_*` are single-modality baselines: a li
 PROBED_TOWERS = ("vision", "text", "modality_a", "modality_b")  # `<tower>_only_<metric>` keys of the probes
 # Config entries the snippet that rebuilds a base from its config leaves out: bookkeeping, or derived from id2label.
 UNSHOWN_CONFIG_KEYS = ("transformers_version", "model_type", "architectures", "_name_or_path", "label2id")
-SIZE_CONFIG_KEYS = ("feature_dim_a", "feature_dim_b", "hidden_size", "num_hidden_layers")  # always shown, first
+SIZE_CONFIG_KEYS = ("feature_size_a", "feature_size_b", "hidden_size", "num_hidden_layers")  # always shown, first
 
 
 def _is_local(name: str) -> bool:
@@ -82,7 +82,7 @@ def _config_snippet(base, seed: int) -> str:
     imports = [_import_line(cls), _import_line(type(config))]
     if all(line.startswith("from mmexperts import ") for line in imports):
         imports = [f"from mmexperts import {type(config).__name__}, {cls.__name__}"]
-    sources = [] if hasattr(config, "feature_dim_a") else [  # image-text towers still need a processor and tokenizer
+    sources = [] if hasattr(config, "feature_size_a") else [  # image-text towers still need a processor and tokenizer
         'vision = text = "path/to/processor-and-tokenizer"  # not recorded: the towers were drawn from their config']
     return "\n".join([*imports, "",
                       f"torch.manual_seed({seed})  # the frozen towers are random: this seed and config draw them",
@@ -171,10 +171,10 @@ def write_model_card(model: PeftModel, folder: str | os.PathLike, repo_id: str |
     base_lines = [f"- {described[key]}: {_describe(name)}" for key, name in names.items()] or [
         f"- Base model: `{type(base).__name__}`, frozen towers with random weights drawn from torch seed {base_seed} "
         "(the snippet below draws them again)" if drawn else "- Base model: not recorded (a model built from configs)"]
-    feature_dims = [getattr(base.config, f"feature_dim_{m}", None) for m in ("a", "b")]
-    feature_inputs = (f'inputs = {{"features_a": torch.randn(1, 8, {feature_dims[0]}),  # your feature sequences '
-                      f'(batch, steps, dim)\n          "features_b": torch.randn(1, 8, {feature_dims[1]})}}'
-                      if None not in feature_dims else "")
+    feature_sizes = [getattr(base.config, f"feature_size_{m}", None) for m in ("a", "b")]
+    feature_inputs = (f'inputs = {{"features_a": torch.randn(1, 8, {feature_sizes[0]}),  # your feature sequences '
+                      f'(batch, steps, dim)\n          "features_b": torch.randn(1, 8, {feature_sizes[1]})}}'
+                      if None not in feature_sizes else "")
     if adapter_path is None:
         adapter_path = repo_id or str(Path(folder).resolve())
     card = ModelCard.from_template(

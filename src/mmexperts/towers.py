@@ -60,10 +60,15 @@ class Tower:
     blocks_path: str
     blocks: nn.ModuleList
     hidden_size: int
-    input_names: tuple[str, ...]
+    input_map: dict[str, str]  # the two-tower call's input name -> the tower's own argument name
     pooling: str
     summary_norm: nn.Module | None = None
     final_norm: nn.Module | None = None
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        """The inputs of a two-tower call that this tower consumes."""
+        return tuple(self.input_map)
 
     @property
     def block_names(self) -> list[str]:
@@ -86,9 +91,9 @@ class Tower:
         return outputs.last_hidden_state[:, 0]
 
     def select_inputs(self, inputs: dict) -> dict:
-        """The subset of a two-tower call's inputs that this tower consumes (none when the call has none of its
-        tensors, whatever options such as ``interpolate_pos_encoding`` it carries)."""
-        selected = {name: inputs[name] for name in self.input_names if inputs.get(name) is not None}
+        """The inputs of a two-tower call that this tower consumes, under the tower's own argument names (none when
+        the call has none of its tensors, whatever options such as ``interpolate_pos_encoding`` it carries)."""
+        selected = {own: inputs[name] for name, own in self.input_map.items() if inputs.get(name) is not None}
         return selected if any(name not in TOWER_OPTIONS for name in selected) else {}
 
 
@@ -168,9 +173,15 @@ def tower_options(towers: dict[str, Tower], inputs: dict):
             handle.remove()
 
 
-def _input_names(tower: nn.Module, candidates: tuple[str, ...]) -> tuple[str, ...]:
+def _input_map(model: nn.Module, modality: str, tower: nn.Module, candidates: tuple[str, ...]) -> dict[str, str]:
+    """Which inputs of a two-tower call go to ``tower``, and under which of its argument names: those the model
+    declares in ``tower_inputs[modality]`` (a model whose call names differ from its towers', e.g. ``features_a``),
+    else the ``candidates`` the tower's forward takes, under the same names."""
+    declared = (getattr(model, "tower_inputs", None) or {}).get(modality)
+    if declared is not None:
+        return dict(declared)
     parameters = inspect.signature(tower.forward).parameters
-    return tuple(name for name in candidates if name in parameters)
+    return {name: name for name in candidates if name in parameters}
 
 
 def _describe(model: nn.Module) -> str:
@@ -202,7 +213,7 @@ def find_towers(model: nn.Module) -> dict[str, Tower]:
             hidden_size = block_anatomy(block_list[0]).query.in_features
         pooling = _pooling(module)
         found[modality] = Tower(modality, path, module, f"{path}.{blocks_path}", block_list, int(hidden_size),
-                                _input_names(module, inputs), pooling,
+                                _input_map(model, modality, module, inputs), pooling,
                                 _summary_norm(module) if pooling == "pooler" else None,
                                 _summary_norm(module, FINAL_NORM_PATHS))
     if problems:

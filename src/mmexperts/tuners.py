@@ -9,6 +9,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, fields, replace
 from functools import cached_property
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from peft import PeftConfig
@@ -20,6 +21,7 @@ from torch import nn
 from .conditioning import gather_inputs
 from .context import CallContext
 from .errors import ConfigError, CorruptFileError
+from .renames import current_names
 from .towers import Tower, find_towers, tower_options
 
 MODALITIES = ("vision", "text")
@@ -39,6 +41,20 @@ class TowerAdapterConfig(PeftConfig):
         "help": "Extra trainable modules (a classifier head is added automatically where the method trains it)."})
     vision_hidden_size: int | None = field(default=None, metadata={"help": "Recorded at injection; checked on load."})
     text_hidden_size: int | None = field(default=None, metadata={"help": "Recorded at injection; checked on load."})
+
+    # earlier name -> current name of fields renamed since adapters were first saved; read back under the new name
+    renamed_fields: ClassVar[dict[str, str]] = {}
+
+    @classmethod
+    def with_current_names(cls, kwargs: dict, where: str | None = None) -> dict:
+        """``kwargs`` with fields saved under an earlier name (``renamed_fields``) moved to their current name."""
+        return current_names(kwargs, cls.renamed_fields, where or cls.__name__)
+
+    @classmethod
+    def check_kwargs(cls, **kwargs):
+        """PEFT's hook before a saved config is built: fields saved under an earlier name are read as the current
+        one (PEFT would otherwise drop them and build the adapter with the defaults)."""
+        return super().check_kwargs(**cls.with_current_names(kwargs, f"saved {cls.__name__}"))
 
     def __post_init__(self):
         super().__post_init__()
@@ -127,6 +143,8 @@ class TwoTowerTuner(BaseTuner):
     """
 
     method_name: str = "mmexperts"
+    # earlier name -> current name of parts of weight keys renamed since adapters were first saved
+    renamed_key_parts: dict[str, str] = {}
 
     @cached_property
     def towers(self) -> dict[str, Tower]:
@@ -251,6 +269,16 @@ class TwoTowerTuner(BaseTuner):
         layer = cls.tuner_layer_cls
         containers = "|".join(map(re.escape, layer.adapter_layer_names + layer.other_param_names))
         return re.sub(rf"((?:^|\.)(?:{containers}))\.{re.escape(adapter_name)}(?=\.|$)", r"\1", key, count=1)
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name: str,
+                                           state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """PEFT's load-time key mapping, after weights saved under earlier key parts (``renamed_key_parts``) are
+        given their current names."""
+        if cls.renamed_key_parts:
+            state_dict = {".".join(cls.renamed_key_parts.get(part, part) for part in key.split(".")): value
+                          for key, value in state_dict.items()}
+        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         for name, param in model.named_parameters():

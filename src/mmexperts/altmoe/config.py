@@ -10,8 +10,9 @@ from ..moe import DISPATCH_MODES
 from ..registry import MMExpertsPeftType
 from ..tuners import TowerAdapterConfig
 
-DIRECTIONS = ("image_to_text", "text_to_image")
-SCHEDULES = ("alternating", "joint")
+DIRECTIONS = ("vision_to_text", "text_to_vision")
+RENAMED_DIRECTIONS = {"image_to_text": "vision_to_text", "text_to_image": "text_to_vision"}  # earlier -> current
+DIRECTION_SCHEDULES = ("alternating", "joint")
 REGRESSION_LOSSES = ("smooth_l1", "l2")
 
 
@@ -20,13 +21,15 @@ REGRESSION_LOSSES = ("smooth_l1", "l2")
 class AltMoEConfig(TowerAdapterConfig):
     """Alt-MoE / M3-JEPA: one multi-directional mixture-of-experts connector aligning two frozen towers.
 
-    Each direction (image->text, text->image) projects its source tower's token features (mean of the last two
+    Each direction (vision->text, text->vision) projects its source tower's token features (mean of the last two
     hidden layers) into a shared width, adds a direction embedding, and runs two routings (contrastive and
     regression task embeddings) through ONE shared gate and expert pool; per-direction heads give a contrastive
     embedding (symmetric InfoNCE against a projection of the target tower) and a regression of the target tower's
     pooled latent. Defaults follow the official code (12 experts, top-4 unrenormalised, width 2048, tau 0.03,
     smooth-L1, alpha 0.5, strictly alternating directions).
     """
+
+    renamed_fields = {"schedule": "direction_schedule"}
 
     num_experts: int = field(default=12, metadata={"help": "Experts in the shared pool."})
     top_k: int = field(default=4, metadata={"help": "Experts each token is routed to."})
@@ -46,8 +49,9 @@ class AltMoEConfig(TowerAdapterConfig):
     regression_loss: str = field(default="smooth_l1", metadata={"help": "'smooth_l1' (code) or 'l2' (paper)."})
     load_balance_loss_weight: float = field(default=0.0, metadata={
         "help": "Weight of the Switch load-balance loss on the gate (0: none, as in the official code)."})
-    schedule: str = field(default="alternating", metadata={
-        "help": "Training schedule: 'alternating' (one direction per optimiser step) or 'joint' (sum of both)."})
+    direction_schedule: str = field(default="alternating", metadata={
+        "help": "Which directions train at each optimiser step: 'alternating' (one direction per step, in turn) or "
+                "'joint' (the sum of both)."})
     init_weights: bool = field(default=True, metadata={
         "help": "True: the gains of the post-expert LayerNorms start at zero, so each routed branch is an exact "
                 "residual identity at init; False: reference init (gains one)."})
@@ -63,7 +67,7 @@ class AltMoEConfig(TowerAdapterConfig):
                               "routed to at most num_experts experts: lower top_k or raise num_experts.")
         self.check_int("top_k", 1)
         self.check_choice("dispatch", DISPATCH_MODES)
-        self.check_choice("schedule", SCHEDULES)
+        self.check_choice("direction_schedule", DIRECTION_SCHEDULES)
         self.check_choice("regression_loss", REGRESSION_LOSSES)
         self.check_float("temperature", 0, low_open=True)
         self.check_float("alpha", 0, 1)

@@ -13,18 +13,20 @@ from ..context import CallContext
 from ..moe import ExpertMLPs, Router, switch_balance_loss
 from ..towers import masked_mean
 from ..tuners import UnmergeableLayer
-from .config import DIRECTIONS, AltMoEConfig
+from .config import DIRECTIONS, RENAMED_DIRECTIONS, AltMoEConfig
 
-SOURCE = {"image_to_text": "vision", "text_to_image": "text"}
-TARGET = {"image_to_text": "text", "text_to_image": "vision"}
+SOURCE = {"vision_to_text": "vision", "text_to_vision": "text"}
+TARGET = {"vision_to_text": "text", "text_to_vision": "vision"}
 BRANCHES = ("contrastive", "regression")
 
 
 def check_direction(direction: str) -> str:
     """Return ``direction`` if it is a known direction name, else raise a clear error."""
     if direction not in DIRECTIONS:
+        renamed = f" ({direction!r} is now called {RENAMED_DIRECTIONS[direction]!r})" \
+            if direction in RENAMED_DIRECTIONS else ""
         raise ValueError(f"Unknown Alt-MoE direction {direction!r}; expected one of {DIRECTIONS} "
-                         "(or None for both directions at once).")
+                         f"(or None for both directions at once){renamed}.")
     return direction
 
 

@@ -11,7 +11,7 @@ from torch import nn
 from ..moe import info_nce
 from ..towers import masked_mean
 from ..tuners import MODALITIES, TwoTowerTuner
-from .config import DIRECTIONS, AltMoEConfig
+from .config import DIRECTIONS, RENAMED_DIRECTIONS, AltMoEConfig
 from .layer import BRANCHES, SOURCE, TARGET, AltMoEConnector, AltMoELayer, check_direction
 from .outputs import AltMoEOutput, TokenFeatures, regression_loss, tap_last_block
 
@@ -22,18 +22,19 @@ class AltMoEModel(TwoTowerTuner):
     """PEFT tuner for Alt-MoE; see :class:`~mmexperts.AltMoEConfig`.
 
     The training direction is state of the tuner, not a forward argument: ``with model.base_model.direction(
-    "image_to_text"): model(...)`` computes (and trains) one direction; ``None`` (the default) runs both.
+    "vision_to_text"): model(...)`` computes (and trains) one direction; ``None`` (the default) runs both.
     """
 
     prefix: str = "altmoe_"
     method_name = "Alt-MoE"
     tuner_layer_cls = AltMoELayer
     directions = DIRECTIONS
+    renamed_key_parts = RENAMED_DIRECTIONS
     target_module_mapping: dict = {}
 
     @property
     def active_direction(self) -> str | None:
-        """The direction forward calls compute: 'image_to_text', 'text_to_image' or None (both)."""
+        """The direction forward calls compute: 'vision_to_text', 'text_to_vision' or None (both)."""
         return self.__dict__.get("_active_direction")
 
     @active_direction.setter
@@ -121,15 +122,15 @@ class AltMoEModel(TwoTowerTuner):
         targets = {m: connector.target(m, pooled[m]) for m in MODALITIES}
         directions = DIRECTIONS if self.active_direction is None else (self.active_direction,)
         predictions = {d: connector.predict(d, tokens[SOURCE[d]], masks[SOURCE[d]]) for d in directions}
-        out = AltMoEOutput(image_target_embeds=targets["vision"], text_target_embeds=targets["text"], **predictions)
+        out = AltMoEOutput(vision_target_embeds=targets["vision"], text_target_embeds=targets["text"], **predictions)
         out.aux_loss = torch.stack([p.balance_loss for p in predictions.values()]).mean()
         out.routing_weights = torch.stack([p.example_routing[b] for p in predictions.values() for b in BRANCHES])
         if len(directions) == len(DIRECTIONS):
             half = 0.5 ** 0.5
-            out.image_embeds = torch.cat([F.normalize(predictions["image_to_text"].embeds, dim=-1),
+            out.image_embeds = torch.cat([F.normalize(predictions["vision_to_text"].embeds, dim=-1),
                                           F.normalize(targets["vision"], dim=-1)], -1) * half
             out.text_embeds = torch.cat([F.normalize(targets["text"], dim=-1),
-                                         F.normalize(predictions["text_to_image"].embeds, dim=-1)], -1) * half
+                                         F.normalize(predictions["text_to_vision"].embeds, dim=-1)], -1) * half
             out.logits_per_text = out.text_embeds @ out.image_embeds.T / config.temperature
             out.logits_per_image = out.logits_per_text.T
         if return_loss:
@@ -149,7 +150,8 @@ class AltMoEModel(TwoTowerTuner):
 
     def tower_tokens(self, modality: str, **inputs) -> tuple[torch.Tensor, torch.Tensor]:
         """Run one frozen tower alone on its inputs; return its token features (mean of its last two hidden layers)
-        and the mask of the real tokens (the attention mask for text, all ones for images)."""
+        and the mask of the real tokens (the tower's attention mask where it takes one, as text towers do; else all
+        ones)."""
         tower = self.towers[modality]
         tower_inputs = tower.select_inputs(inputs)
         if not tower_inputs:
@@ -158,7 +160,7 @@ class AltMoEModel(TwoTowerTuner):
         with self.calling(inputs), tap_last_block(tower, lambda value: captured.__setitem__(modality, value)):
             tower.module(**tower_inputs)
         tokens = captured[modality]
-        mask = inputs.get("attention_mask") if modality == "text" else None
+        mask = tower_inputs.get("attention_mask")
         if mask is None or mask.shape[1] != tokens.shape[1]:
             mask = tokens.new_ones(tokens.shape[:2], dtype=torch.long)
         return tokens, mask

@@ -28,7 +28,7 @@ class TokenFeatures:
 class AltMoEOutput(ModelOutput):
     """Connector output. ``image_embeds`` / ``text_embeds`` are aligned so that their dot product is the mean of the
     two directions' cosine similarities; ``logits_per_image`` / ``logits_per_text`` are it over the temperature.
-    ``image_to_text`` / ``text_to_image`` hold each direction's own prediction (None for a direction not run);
+    ``vision_to_text`` / ``text_to_vision`` hold each direction's own prediction (None for a direction not run);
     ``routing_weights`` (sites, batch, K) the gate weights averaged over each example's real tokens, one site per
     direction run and branch (contrastive, regression)."""
 
@@ -37,9 +37,9 @@ class AltMoEOutput(ModelOutput):
     logits_per_text: torch.Tensor | None = None
     image_embeds: torch.Tensor | None = None
     text_embeds: torch.Tensor | None = None
-    image_to_text: DirectionPrediction | None = None
-    text_to_image: DirectionPrediction | None = None
-    image_target_embeds: torch.Tensor | None = None
+    vision_to_text: DirectionPrediction | None = None
+    text_to_vision: DirectionPrediction | None = None
+    vision_target_embeds: torch.Tensor | None = None
     text_target_embeds: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
     routing_weights: torch.Tensor | None = None

@@ -19,9 +19,10 @@ class FeatureEncoderConfig(PreTrainedConfig):
     feature sequences (MultiBench-style data, e.g. OpenFace vision + GloVe text features) and a head."""
 
     model_type = "feature-encoder-classification"
+    attribute_map = {"feature_dim_a": "feature_size_a", "feature_dim_b": "feature_size_b"}  # earlier names
 
-    feature_dim_a: int = 32
-    feature_dim_b: int = 32
+    feature_size_a: int = 32
+    feature_size_b: int = 32
     hidden_size: int = 40
     num_hidden_layers: int = 2
     num_attention_heads: int = 4
@@ -59,10 +60,10 @@ class FeatureTower(nn.Module):
     No positional encoding (as CoMM's MultiBench encoders). The [CLS] output is the tower's summary.
     """
 
-    def __init__(self, config: FeatureEncoderConfig, feature_dim: int):
+    def __init__(self, config: FeatureEncoderConfig, feature_size: int):
         super().__init__()
         self.config = config
-        self.projection = nn.Linear(feature_dim, config.hidden_size)
+        self.projection = nn.Linear(feature_size, config.hidden_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
         self.layers = nn.ModuleList(FeatureBlock(config) for _ in range(config.num_hidden_layers))
         self.norm = nn.LayerNorm(config.hidden_size)
@@ -88,11 +89,14 @@ class FeatureEncoderForClassification(PreTrainedModel):
     config: FeatureEncoderConfig
     base_model_prefix = "feature_encoder"
     main_input_name = "features_a"
+    # which call inputs each tower takes, under its own argument names (read by find_towers)
+    tower_inputs = {"vision": {"features_a": "features", "attention_mask_a": "attention_mask"},
+                    "text": {"features_b": "features", "attention_mask_b": "attention_mask"}}
 
     def __init__(self, config: FeatureEncoderConfig):
         super().__init__(config)
-        self.modality_a_model = FeatureTower(config, config.feature_dim_a)
-        self.modality_b_model = FeatureTower(config, config.feature_dim_b)
+        self.modality_a_model = FeatureTower(config, config.feature_size_a)
+        self.modality_b_model = FeatureTower(config, config.feature_size_b)
         self.dropout = nn.Dropout(config.classifier_dropout)
         self.classifier = nn.Linear(2 * config.hidden_size, config.num_labels)
         self.post_init()

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 UTILITY_CRITERIA = ("loss", "gate_mass", "usage", "gate_output_norm")
-SCHEDULES = ("one-shot", "progressive")
+PRUNING_SCHEDULES = ("one-shot", "progressive")
 
 
 def experts_to_prune(sparsity: float, num_experts: int) -> int:
@@ -93,22 +93,22 @@ def prune_lowest(utility: torch.Tensor, mask: torch.Tensor, count: int) -> torch
 
 
 def prune_to_sparsity(utility_of: Callable[[torch.Tensor], torch.Tensor], mask: torch.Tensor, sparsity: float,
-                      schedule: str = "one-shot",
+                      pruning_schedule: str = "one-shot",
                       on_prune: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
     """Prune ``mask`` until ``round(sparsity * K)`` experts are removed, lowest ``utility_of(mask)`` first.
 
     ``"one-shot"`` scores once and removes all at once; ``"progressive"`` removes one expert per round and rescores
     (``on_prune(mask)`` runs after each removal, e.g. a short fine-tune). Returns the new mask.
     """
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}.")
+    if pruning_schedule not in PRUNING_SCHEDULES:
+        raise ValueError(f"pruning_schedule must be one of {PRUNING_SCHEDULES}, got {pruning_schedule!r}.")
     mask = mask.bool().clone()
     target = experts_to_prune(sparsity, mask.numel())
     pruned = int((~mask).sum())
     if pruned > target:
         raise ValueError(f"The mask already prunes {pruned} experts, more than sparsity {sparsity} asks for "
                          f"({target}); restore the experts first (set an all-True mask) to prune to a lower sparsity.")
-    rounds = [target - pruned] if schedule == "one-shot" else [1] * (target - pruned)
+    rounds = [target - pruned] if pruning_schedule == "one-shot" else [1] * (target - pruned)
     for count in rounds:
         if count:
             mask = prune_lowest(utility_of(mask), mask, count)

@@ -25,6 +25,8 @@ class MoPEConfig(TowerAdapterConfig):
     Defaults follow the official code (K=4, l=6, T=0.1, w_imp=0.01, hinge 0.1).
     """
 
+    renamed_fields = {"router_self_dim": "router_self_size", "router_cross_dim": "router_cross_size"}
+
     prompted_tower: str = field(default="vision", metadata={
         "help": "Tower that receives routed prompts: 'vision' or 'text'."})
     num_experts: int = field(default=4, metadata={
@@ -40,8 +42,8 @@ class MoPEConfig(TowerAdapterConfig):
         default=4, metadata={"help": "Deep prompt tokens in every block of the complementary tower; 0 disables them."})
     router_temperature: float = field(default=0.1, metadata={"help": "Softmax temperature of the router (T)."})
     router_noise_std: float = field(default=1 / 256, metadata={"help": "Std of Gaussian logit noise, training only."})
-    router_self_dim: int = field(default=2, metadata={"help": "Query size projected from the block's own tokens."})
-    router_cross_dim: int = field(default=8, metadata={"help": "Query size projected from the complementary feature."})
+    router_self_size: int = field(default=2, metadata={"help": "Query size projected from the block's own tokens."})
+    router_cross_size: int = field(default=8, metadata={"help": "Query size projected from the complementary feature."})
     importance_loss_weight: float = field(default=0.01, metadata={"help": "Weight of the importance loss in `loss`."})
     importance_threshold: float = field(default=0.1, metadata={"help": "CV² at or below which the loss is zero."})
     routed_layers: list[int] | None = field(
@@ -75,13 +77,13 @@ class MoPEConfig(TowerAdapterConfig):
         self.check_choice("head_pooling", HEAD_POOLINGS)
         self.check_int("prompt_length", 1)
         for name in ("num_experts", "static_prompt_length", "mapped_prompt_length", "complementary_prompt_length",
-                     "router_self_dim", "router_cross_dim", "mapper_hidden_size"):
+                     "router_self_size", "router_cross_size", "mapper_hidden_size"):
             self.check_int(name, 0)
         if self.num_experts == 0 and not (self.static_prompt_length or self.mapped_prompt_length):
             raise ConfigError("num_experts", "With num_experts=0 the routed blocks need static_prompt_length or "
                               "mapped_prompt_length > 0; otherwise they would get no prompt at all.")
-        if self.num_experts and self.router_self_dim + self.router_cross_dim < 1:
-            raise ConfigError("router_self_dim", "router_self_dim + router_cross_dim must be at least 1; the router "
+        if self.num_experts and self.router_self_size + self.router_cross_size < 1:
+            raise ConfigError("router_self_size", "router_self_size + router_cross_size must be at least 1; the router "
                               "needs a query.")
         self.check_float("router_temperature", 0, low_open=True)
         for name in ("router_noise_std", "importance_loss_weight", "importance_threshold"):

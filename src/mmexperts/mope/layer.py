@@ -69,12 +69,12 @@ class MoPELayer(UnmergeableLayer, nn.Module, BaseTunerLayer):
             self.mope_static[adapter_name] = prompts(static_length)
         if role == ROUTED and config.num_experts:
             self.mope_experts[adapter_name] = prompts(config.num_experts, config.prompt_length)
-            if config.router_self_dim:
-                self.mope_self_proj[adapter_name] = nn.Linear(d, config.router_self_dim, device=device)
-            if config.router_cross_dim:
-                self.mope_cross_proj[adapter_name] = nn.Linear(self.complementary_size, config.router_cross_dim,
+            if config.router_self_size:
+                self.mope_self_proj[adapter_name] = nn.Linear(d, config.router_self_size, device=device)
+            if config.router_cross_size:
+                self.mope_cross_proj[adapter_name] = nn.Linear(self.complementary_size, config.router_cross_size,
                                                                device=device)
-            self.mope_router[adapter_name] = Router(config.router_self_dim + config.router_cross_dim,
+            self.mope_router[adapter_name] = Router(config.router_self_size + config.router_cross_size,
                                                     config.num_experts, config.router_temperature,
                                                     config.router_noise_std, device=device)
         if role == ROUTED and owns_mapper and config.mapped_prompt_length:

@@ -51,8 +51,8 @@ class MoPEModel(TwoTowerTuner):
         prompted, complementary = (self.towers[c.prompted_tower].hidden_size,
                                    self.towers[c.complementary_tower].hidden_size)
         blocks = len(c.routed_layers) if c.routed_layers is not None else len(self.towers[c.prompted_tower].blocks)
-        router = c.num_experts and (prompted + 1) * c.router_self_dim + (complementary + 1) * c.router_cross_dim + (
-            c.router_self_dim + c.router_cross_dim + 1) * c.num_experts
+        router = c.num_experts and (prompted + 1) * c.router_self_size + (complementary + 1) * c.router_cross_size + (
+            c.router_self_size + c.router_cross_size + 1) * c.num_experts
         per_block = (c.static_prompt_length + c.num_experts * c.prompt_length) * prompted + router
         mapper = ((complementary + 1) * c.mapper_hidden_size
                   + (c.mapper_hidden_size + 1) * c.mapped_prompt_length * prompted)

@@ -34,7 +34,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from ..atomic import atomic_directory, exclusive_lock
-from ..training.engine import Engine, StepOutput, adamw_with_schedule
+from ..training.engine import Engine, StepOutput, adamw_with_lr_scheduler
 from .synthetic import (
     COLOURS,
     GRID_SIZE,
@@ -132,9 +132,9 @@ def _loop(model: nn.Module, steps: int, lr: float, batches, description: str, pr
 
     ``bar``: a shared tqdm bar (the whole build's) to advance; without one, this loop shows its own when
     ``progress``."""
-    optimizer, schedule = adamw_with_schedule(model.parameters(), lr, steps, weight_decay=0.01)
+    optimizer, lr_scheduler = adamw_with_lr_scheduler(model.parameters(), lr, steps, weight_decay=0.01)
     # in this process alone (the main process builds while the others wait), without Accelerate's shared state
-    engine = Engine(model, optimizer, schedule, skip_nonfinite=False)
+    engine = Engine(model, optimizer, lr_scheduler, skip_nonfinite=False)
     model.train()
     own = bar is None
     if own:

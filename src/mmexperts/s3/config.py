@@ -13,7 +13,7 @@ from ..tuners import TowerAdapterConfig
 DESIGNS = ("paper", "concepts")
 STAGES = ("specialization", "selection")
 HEAD_INPUTS = ("concat", "sum")
-_POSITIVE_INTS = ("num_experts", "latent_dim", "num_tasks", "task_embedding_dim", "num_layers", "num_heads")
+_POSITIVE_INTS = ("num_experts", "latent_size", "num_tasks", "task_embedding_size", "num_layers", "num_heads")
 _NON_NEGATIVE_FLOATS = ("router_noise_std", "diversity_loss_weight", "balance_loss_weight", "sharpness_loss_weight",
                         "load_balance_loss_weight", "z_loss_weight", "ssl_noise_std", "rep_loss_weight",
                         "dsc_loss_weight", "supcon_loss_weight", "compactness_loss_weight")
@@ -43,15 +43,19 @@ class S3Config(TowerAdapterConfig):
     Fields marked (concepts) apply to that design only; fields marked (paper) to the paper design only.
     """
 
+    renamed_fields = {"latent_dim": "latent_size", "expert_hidden_dim": "expert_hidden_size",
+                      "expert_dim": "expert_size", "task_embedding_dim": "task_embedding_size"}
+
     design: str = field(default="paper", metadata={
         "help": "'paper': per-modality MoE encoder layers, three stages, keep-ratio sparsification; 'concepts': the "
                 "concept-expert reconstruction with a persistent expert mask."})
     num_experts: int = field(default=8, metadata={"help": "Experts per MoE layer (paper: N) or concept experts (K)."})
-    latent_dim: int = field(default=64, metadata={"help": "Width of the shared latent space (d)."})
-    expert_hidden_dim: int | None = field(default=None, metadata={
+    latent_size: int = field(default=64, metadata={"help": "Width of the shared latent space (d)."})
+    expert_hidden_size: int | None = field(default=None, metadata={
         "help": "Hidden width of each expert MLP; None: paper 4d / top_k (the active experts of a token add up to one "
                 "dense 4d FFN), concepts 2d."})
-    expert_dim: int | None = field(default=None, metadata={"help": "(concepts) Width of a concept embedding; None: d."})
+    expert_size: int | None = field(default=None, metadata={
+        "help": "(concepts) Width of a concept embedding; None: d."})
     assignment_temperature: float = field(default=0.5, metadata={
         "help": "(concepts) Temperature of the token-to-concept assignment softmax (tau_a)."})
     router_temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of the router(s)."})
@@ -78,7 +82,7 @@ class S3Config(TowerAdapterConfig):
     num_tasks: int = field(default=1, metadata={
         "help": "(concepts) Tasks sharing the adapter; each has a learned embedding (router input) and its own head. "
                 "With more than one task, calls pass `task_ids` (batch,)."})
-    task_embedding_dim: int = field(default=16, metadata={"help": "(concepts) Width of the learned task embedding."})
+    task_embedding_size: int = field(default=16, metadata={"help": "(concepts) Width of the learned task embedding."})
     num_labels: int | None = field(default=None, metadata={
         "help": "Classes of each task head; None: the base model's num_labels if it has a classifier, else no head "
                 "(features only). 0: no head."})
@@ -121,7 +125,7 @@ class S3Config(TowerAdapterConfig):
             self.top_k = min(_PAPER_DEFAULT_TOP_K, self.num_experts)
         for name in _POSITIVE_INTS:
             self.check_int(name, 1)
-        for name in ("expert_hidden_dim", "expert_dim"):
+        for name in ("expert_hidden_size", "expert_size"):
             self.check_int(name, 1, optional=True)
         self.check_int("num_labels", 0, optional=True)
         self.check_int("top_k", 1, self.num_experts, optional=True)
@@ -138,9 +142,9 @@ class S3Config(TowerAdapterConfig):
         self.check_float("keep_ratio", 0, 1, low_open=True)
         self.check_choice("stage", STAGES)
         if self.design == "paper":
-            if self.latent_dim % self.num_heads:
-                raise ConfigError("num_heads", f"num_heads={self.num_heads} must divide latent_dim={self.latent_dim} "
-                                  "(each attention head gets latent_dim / num_heads channels); pick a divisor.")
+            if self.latent_size % self.num_heads:
+                raise ConfigError("num_heads", f"num_heads={self.num_heads} must divide latent_size={self.latent_size} "
+                                  "(each attention head gets latent_size / num_heads channels); pick a divisor.")
             if self.num_tasks != 1:
                 raise ConfigError("num_tasks", f"num_tasks={self.num_tasks}: the paper design has one task (its "
                                   "linear probe); use design='concepts' for task-conditioned routing and heads.")
@@ -167,13 +171,13 @@ class S3Config(TowerAdapterConfig):
         return super().check_kwargs(**kwargs)
 
     @property
-    def hidden_dim(self) -> int:
+    def mlp_hidden_size(self) -> int:
         """Hidden width of each expert MLP."""
-        if self.expert_hidden_dim:
-            return self.expert_hidden_dim
-        return max(1, 4 * self.latent_dim // self.top_k) if self.design == "paper" else 2 * self.latent_dim
+        if self.expert_hidden_size:
+            return self.expert_hidden_size
+        return max(1, 4 * self.latent_size // self.top_k) if self.design == "paper" else 2 * self.latent_size
 
     @property
-    def concept_dim(self) -> int:
+    def concept_size(self) -> int:
         """Width of one concept embedding."""
-        return self.expert_dim or self.latent_dim
+        return self.expert_size or self.latent_size

@@ -45,20 +45,21 @@ class S3Core(nn.Module):
 
     def __init__(self, config: S3Config, num_labels: int, device=None):
         super().__init__()
-        d, k = config.latent_dim, config.num_experts
+        d, k = config.latent_size, config.num_experts
         self.config = config
         keys = torch.empty(k, d)
         nn.init.orthogonal_(keys)
         self.keys = nn.Parameter(keys.to(device) if device is not None else keys)
         self.token_norm = nn.LayerNorm(d, device=device)
         self.summary_norm = nn.LayerNorm(d, device=device)
-        self.experts = ExpertMLPs(k, d, config.hidden_dim, config.concept_dim, dispatch=config.dispatch, device=device)
-        self.task_embedding = nn.Embedding(config.num_tasks, config.task_embedding_dim, device=device)
-        self.router = Router(d + config.task_embedding_dim, k, config.router_temperature, config.router_noise_std,
+        self.experts = ExpertMLPs(k, d, config.mlp_hidden_size, config.concept_size, dispatch=config.dispatch,
+                                  device=device)
+        self.task_embedding = nn.Embedding(config.num_tasks, config.task_embedding_size, device=device)
+        self.router = Router(d + config.task_embedding_size, k, config.router_temperature, config.router_noise_std,
                              top_k=config.top_k, learn_keys=True, device=device)
         self.num_labels = num_labels
         if num_labels:
-            width = k * config.concept_dim if config.head_input == "concat" else config.concept_dim
+            width = k * config.concept_size if config.head_input == "concat" else config.concept_size
             shape = (config.num_tasks, width, num_labels)
             self.head_weight = nn.Parameter(torch.zeros(shape, device=device))
             self.head_bias = nn.Parameter(torch.zeros(config.num_tasks, num_labels, device=device))
@@ -103,7 +104,7 @@ class S3Core(nn.Module):
         """Concept embeddings (batch, K, d_e): expert k runs on concept k of the rows where ``run[:, k]``; else 0."""
         batch, num_experts = run.shape
         alive = run.any(0).nonzero().flatten()
-        out = tokens.new_zeros(batch, num_experts, self.config.concept_dim)
+        out = tokens.new_zeros(batch, num_experts, self.config.concept_size)
         if alive.numel() == 0:
             return out
         weights = assignments[..., alive]
@@ -199,7 +200,7 @@ class S3Layer(UnmergeableLayer, nn.Module, BaseTunerLayer):
         """Create one adapter's projection and encoder (paper) or modality embedding (concepts); in the core (vision)
         layer also its probe head (paper) or concept experts, router, heads and mask (concepts)."""
         device = next(self.base_layer.parameters()).device
-        d = config.latent_dim
+        d = config.latent_size
         self.s3_proj[adapter_name] = nn.Sequential(nn.LayerNorm(self.in_features, device=device),
                                                    nn.Linear(self.in_features, d, device=device))
         if config.design == "paper":

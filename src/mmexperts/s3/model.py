@@ -73,15 +73,15 @@ class S3Model(ExpertPruning, TwoTowerTuner):
     def estimated_parameters(self, peft_config: S3Config) -> int:
         c = peft_config
         if c.design == "paper":
-            d, n, h = c.latent_dim, c.num_experts, c.hidden_dim
+            d, n, h = c.latent_size, c.num_experts, c.mlp_hidden_size
             block = 4 * d + 4 * d * (d + 1) + d * n + n * ((d + 1) * h + (h + 1) * d)
             towers = sum((self.towers[m].hidden_size + 1) * d + 2 * self.towers[m].hidden_size for m in MODALITIES)
             return towers + 2 * (c.num_layers * block + 2 * d) + (2 * d + 1) * (c.num_labels or 0)
-        d, k, e = c.latent_dim, c.num_experts, c.concept_dim
+        d, k, e = c.latent_size, c.num_experts, c.concept_size
         projections = sum((self.towers[m].hidden_size + 2) * d + 2 * self.towers[m].hidden_size for m in MODALITIES)
-        experts = k * ((d + 1) * c.hidden_dim + (c.hidden_dim + 1) * e)
+        experts = k * ((d + 1) * c.mlp_hidden_size + (c.mlp_hidden_size + 1) * e)
         heads = c.num_tasks * ((k * e if c.head_input == "concat" else e) + 1) * (c.num_labels or 0)
-        router = c.num_tasks * c.task_embedding_dim + (d + c.task_embedding_dim) * k
+        router = c.num_tasks * c.task_embedding_size + (d + c.task_embedding_size) * k
         return projections + k * d + experts + router + heads
 
     def _create_and_replace(self, peft_config: S3Config, adapter_name: str, target: nn.Module, target_name: str,

@@ -28,13 +28,13 @@ class MoEEncoderBlock(nn.Module):
 
     def __init__(self, config: S3Config, device=None):
         super().__init__()
-        d = config.latent_dim
+        d = config.latent_size
         self.num_heads = config.num_heads
         self.attention_norm = nn.LayerNorm(d, device=device)
         self.qkv = nn.Linear(d, 3 * d, device=device)
         self.attention_out = nn.Linear(d, d, device=device)
         self.moe_norm = nn.LayerNorm(d, device=device)
-        self.moe = TokenMoE(config.num_experts, d, config.hidden_dim, top_k=config.top_k,
+        self.moe = TokenMoE(config.num_experts, d, config.mlp_hidden_size, top_k=config.top_k,
                             temperature=config.router_temperature, noise_std=config.router_noise_std,
                             dropout=config.dropout, dispatch=config.dispatch, device=device)
 
@@ -65,7 +65,7 @@ class MoEEncoder(nn.Module):
     def __init__(self, config: S3Config, device=None):
         super().__init__()
         self.blocks = nn.ModuleList(MoEEncoderBlock(config, device=device) for _ in range(config.num_layers))
-        self.norm = nn.LayerNorm(config.latent_dim, device=device)
+        self.norm = nn.LayerNorm(config.latent_size, device=device)
 
     def router_parameters(self) -> list[nn.Parameter]:
         """The routers' parameters (what the Selection stage trains)."""

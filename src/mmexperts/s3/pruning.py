@@ -109,12 +109,12 @@ class ExpertPruning:
             return usage_frequency(stats["routing_weights"], mask)
         return gate_output_norm(stats["routing_weights"], stats["concept_embeds"], mask)
 
-    def prune(self, sparsity: float, batches: Iterable[dict], criterion: str = "loss", schedule: str = "one-shot",
-              adapter_name: str | None = None, on_prune=None) -> torch.Tensor:
+    def prune(self, sparsity: float, batches: Iterable[dict], criterion: str = "loss",
+              pruning_schedule: str = "one-shot", adapter_name: str | None = None, on_prune=None) -> torch.Tensor:
         """Prune the adapter's lowest-utility experts until ``round(sparsity * K)`` are removed; returns the mask.
 
-        ``schedule="progressive"`` removes one expert at a time, rescoring (and calling ``on_prune(mask)``, e.g. a short
-        fine-tune) after each removal.
+        ``pruning_schedule="progressive"`` removes one expert at a time, rescoring (and calling ``on_prune(mask)``,
+        e.g. a short fine-tune) after each removal.
         """
         name = self._concept_adapter(adapter_name)
         batches = list(batches)
@@ -128,7 +128,7 @@ class ExpertPruning:
             if on_prune is not None:
                 on_prune(mask)
 
-        mask = prune_to_sparsity(utility_of, self.get_expert_mask(name), sparsity, schedule, apply)
+        mask = prune_to_sparsity(utility_of, self.get_expert_mask(name), sparsity, pruning_schedule, apply)
         self.set_expert_mask(mask, name)
         return mask
 

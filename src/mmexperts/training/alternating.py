@@ -4,7 +4,7 @@ Alt-MoE's AGD) or joint (every direction's loss summed each step).
 A model takes part when one of its modules (the tuner) offers ``directions`` (their names), ``direction(name)``, a
 context manager selecting what forward calls compute, and ``direction_parameters(name)``, the parameters only that
 direction uses. The direction is a pure function of the optimiser step, so resumed runs continue the same sequence.
-A schedule finds the tuner of a model and the parameters private to each direction once, not on every step.
+A direction schedule finds the tuner of a model and the parameters private to each direction once, not on every step.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from contextlib import contextmanager, nullcontext
 
 from torch import nn
 
-SCHEDULE_MODES = ("alternating", "joint")
+from ..altmoe.config import DIRECTION_SCHEDULES
 
 
 def directional_tuner(model: nn.Module) -> nn.Module | None:
@@ -33,8 +33,8 @@ class DirectionSchedule:
     """
 
     def __init__(self, directions: tuple[str, ...] | list[str], mode: str = "alternating"):
-        if mode not in SCHEDULE_MODES:
-            raise ValueError(f"schedule mode must be one of {SCHEDULE_MODES}, got {mode!r}.")
+        if mode not in DIRECTION_SCHEDULES:
+            raise ValueError(f"The direction schedule must be one of {DIRECTION_SCHEDULES}, got {mode!r}.")
         if len(directions) < 1:
             raise ValueError("A direction schedule needs at least one direction.")
         self.directions, self.mode = tuple(directions), mode
@@ -44,12 +44,13 @@ class DirectionSchedule:
 
     @classmethod
     def for_model(cls, model: nn.Module, mode: str | None = None) -> DirectionSchedule | None:
-        """The schedule a model's adapter asks for (its config's ``schedule``), or None for one-way adapters."""
+        """The direction schedule a model's adapter asks for (its config's ``direction_schedule``), or None for
+        one-way adapters."""
         tuner = directional_tuner(model)
         if tuner is None:
             return None
         config = tuner.peft_config[tuner.active_adapters[0]]
-        schedule = cls(tuple(tuner.directions), mode or config.schedule)
+        schedule = cls(tuple(tuner.directions), mode or config.direction_schedule)
         schedule._model, schedule._tuner = model, tuner
         return schedule
 
@@ -93,6 +94,6 @@ class DirectionSchedule:
             param.grad = None
 
 
-def schedule_step(schedule: DirectionSchedule | None, model: nn.Module, step: int):
-    """``schedule.step(model, step)``, or a no-op context for models without directions."""
-    return nullcontext() if schedule is None else schedule.step(model, step)
+def direction_step(direction_schedule: DirectionSchedule | None, model: nn.Module, step: int):
+    """``direction_schedule.step(model, step)``, or a no-op context for models without directions."""
+    return nullcontext() if direction_schedule is None else direction_schedule.step(model, step)

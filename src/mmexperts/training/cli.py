@@ -16,6 +16,7 @@ from transformers import HfArgumentParser
 
 from ..docstrings import field_type_name
 from ..errors import ConfigError
+from ..renames import current_names
 from .config import TrainConfig
 
 NO_CONFIG = "none"  # --config none: start from the dataclass's defaults alone
@@ -86,6 +87,7 @@ def _read_config_file(path: Path, config_class: type) -> dict:
     if not isinstance(values, dict):
         raise ConfigError("config", f"--config {path}: expected a mapping of {config_class.__name__} fields, got a "
                                     f"{type(values).__name__}.")
+    values = current_names(values, getattr(config_class, "renamed_fields", {}), f"--config {path}")
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError("config", f"{path}: unknown fields {unknown}; valid fields: {sorted(known)}.")

@@ -1,9 +1,10 @@
 """The optimisation loop every training path of the library runs.
 
-``Engine`` takes a model, an optimizer and an optional scheduler and trains on any iterable of batches: forward and
-backward under Accelerate's ``accumulate``, optional gradient clipping, the direction schedule of multi-directional
-adapters (Alt-MoE), non-finite steps skipped and counted, a progress bar and per-step callbacks (the Trainer logs,
-evaluates and checkpoints there). ``adamw_with_schedule`` builds AdamW with linear warm-up, then cosine or constant.
+``Engine`` takes a model, an optimizer and an optional learning-rate scheduler and trains on any iterable of batches:
+forward and backward under Accelerate's ``accumulate``, optional gradient clipping, the direction schedule of
+multi-directional adapters (Alt-MoE), non-finite steps skipped and counted, a progress bar and per-step callbacks (the
+Trainer logs, evaluates and checkpoints there). ``adamw_with_lr_scheduler`` builds AdamW and a learning-rate
+scheduler (linear warm-up, then cosine or constant).
 
 What differs between methods (the model's inputs; how a run is evaluated) comes from ``MethodHooks``, resolved once
 per engine from the model's tuner (``training.methods.method_hooks``); the direction schedule is resolved once too.
@@ -24,11 +25,11 @@ import torch
 from torch import nn
 
 from ..errors import MMExpertsError, NonFiniteLossError
-from .alternating import DirectionSchedule, schedule_step
+from .alternating import DirectionSchedule, direction_step
 from .checkpoint import TrainingState
 from .methods import MethodHooks, method_hooks
 
-__all__ = ["AUTO", "DECAYS", "Engine", "LocalAccelerator", "StepOutput", "adamw_with_schedule", "schedule_factor",
+__all__ = ["AUTO", "DECAYS", "Engine", "LocalAccelerator", "StepOutput", "adamw_with_lr_scheduler", "lr_factor",
            "without"]
 
 AUTO = "auto"  # resolve the direction schedule from the model
@@ -75,7 +76,7 @@ class LocalAccelerator:
         print(*args)
 
 
-def schedule_factor(steps: int, warmup: int, decay: str = "cosine") -> Callable[[int], float]:
+def lr_factor(steps: int, warmup: int, decay: str = "cosine") -> Callable[[int], float]:
     """The learning-rate factor of step ``s`` (0-based): ``(s + 1) / warmup`` over the first ``warmup`` steps, then
     half a cosine period down to 0 at step ``steps`` (``"cosine"``) or 1 (``"constant"``)."""
     if decay not in DECAYS:
@@ -93,14 +94,14 @@ def schedule_factor(steps: int, warmup: int, decay: str = "cosine") -> Callable[
     return factor
 
 
-def adamw_with_schedule(parameters: Iterable[nn.Parameter], lr: float, steps: int, *, weight_decay: float = 0.01,
-                        warmup: int | None = None, decay: str = "cosine"
-                        ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW and its schedule (``schedule_factor``) over ``steps`` optimiser steps; ``warmup`` defaults to a tenth
-    of them (at least one)."""
+def adamw_with_lr_scheduler(parameters: Iterable[nn.Parameter], lr: float, steps: int, *, weight_decay: float = 0.01,
+                            warmup: int | None = None, decay: str = "cosine"
+                            ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW and its learning-rate scheduler (``lr_factor``) over ``steps`` optimiser steps; ``warmup`` defaults to a
+    tenth of them (at least one)."""
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
     warmup = max(steps // 10, 1) if warmup is None else warmup
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_factor(steps, warmup, decay))
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(steps, warmup, decay))
 
 
 def without(*keys: str) -> Callable[..., dict]:
@@ -113,33 +114,35 @@ def without(*keys: str) -> Callable[..., dict]:
 
 
 class Engine:
-    """Optimiser steps over micro-batches: ``Engine(model, optimizer, scheduler).run(batches, max_steps)``.
+    """Optimiser steps over micro-batches: ``Engine(model, optimizer, lr_scheduler).run(batches, max_steps)``.
 
-    ``accelerator``: an ``accelerate.Accelerator`` (with the model, optimizer and scheduler usually prepared by it),
+    ``accelerator``: an ``accelerate.Accelerator`` (with the model, optimizer and lr_scheduler usually prepared by it),
     or None for ``LocalAccelerator``. ``max_grad_norm`` > 0 clips the gradients of the optimizer's parameters.
-    ``schedule``: a ``DirectionSchedule``, None, or ``AUTO`` (the model's own, if its adapter has directions).
+    ``direction_schedule``: a ``DirectionSchedule``, None, or ``AUTO`` (the model's own, if its adapter has directions).
     ``hooks``: the method's ``MethodHooks`` (default: resolved from the model); ``model_inputs`` overrides their
     ``model_inputs``. ``skip_nonfinite``: a step whose loss or gradient is not finite on some process updates nothing
-    (the schedulers still advance); after ``max_nonfinite_in_a_row`` such steps ``NonFiniteLossError`` is raised.
+    (the learning-rate scheduler still advances); after ``max_nonfinite_in_a_row`` such steps
+    ``NonFiniteLossError`` is raised.
     ``state``: the progress (step and non-finite counts) to continue and update, e.g. a resumed run's.
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler=None, *, accelerator=None,
-                 max_grad_norm: float = 0.0, schedule: DirectionSchedule | str | None = AUTO,
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, lr_scheduler=None, *, accelerator=None,
+                 max_grad_norm: float = 0.0, direction_schedule: DirectionSchedule | str | None = AUTO,
                  hooks: MethodHooks | None = None, model_inputs: Callable[..., dict] | None = None,
                  skip_nonfinite: bool = True, max_nonfinite_in_a_row: int | None = None,
                  state: TrainingState | None = None):
         self.accelerator = accelerator if accelerator is not None else LocalAccelerator()
-        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.model, self.optimizer, self.lr_scheduler = model, optimizer, lr_scheduler
         self.max_grad_norm, self.skip_nonfinite = max_grad_norm, skip_nonfinite
         self.max_nonfinite_in_a_row = max_nonfinite_in_a_row
         self.hooks = hooks if hooks is not None else method_hooks(self.accelerator.unwrap_model(model))
         self.model_inputs = model_inputs if model_inputs is not None else self.hooks.model_inputs
-        if isinstance(schedule, str):
-            if schedule != AUTO:
-                raise ValueError(f"schedule must be a DirectionSchedule, None or {AUTO!r}, got {schedule!r}.")
-            schedule = DirectionSchedule.for_model(model)
-        self.schedule = schedule
+        if isinstance(direction_schedule, str):
+            if direction_schedule != AUTO:
+                raise ValueError(f"direction_schedule must be a DirectionSchedule, None or {AUTO!r}, got "
+                                 f"{direction_schedule!r}.")
+            direction_schedule = DirectionSchedule.for_model(model)
+        self.direction_schedule = direction_schedule
         self.parameters = [p for group in optimizer.param_groups for p in group["params"]]
         self.state = state if state is not None else TrainingState()
         self._running, self._seen, self._finite = 0.0, 0, True
@@ -149,7 +152,7 @@ class Engine:
         when an optimiser step ended, else None."""
         accelerator, state = self.accelerator, self.state
         finite = self._finite
-        with accelerator.accumulate(self.model), schedule_step(self.schedule, self.model, state.step):
+        with accelerator.accumulate(self.model), direction_step(self.direction_schedule, self.model, state.step):
             loss = self.model(**self.model_inputs(batch)).loss
             if loss is None:
                 raise MMExpertsError(f"{type(self.accelerator.unwrap_model(self.model)).__name__} returned no loss "
@@ -159,8 +162,8 @@ class Engine:
                 finite = finite and bool(torch.isfinite(loss.detach()).all())
             accelerator.backward(loss)
             if accelerator.sync_gradients:
-                if self.schedule is not None:
-                    self.schedule.release_inactive(self.model, state.step)
+                if self.direction_schedule is not None:
+                    self.direction_schedule.release_inactive(self.model, state.step)
                 if self.skip_nonfinite:
                     finite = self._all_finite(finite)
                     if not finite:  # no gradients, no update; the step still advances
@@ -168,8 +171,8 @@ class Engine:
                 elif self.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(self.parameters, self.max_grad_norm)
                 self.optimizer.step()
-                if self.scheduler is not None:
-                    self.scheduler.step()
+                if self.lr_scheduler is not None:
+                    self.lr_scheduler.step()
                 self.optimizer.zero_grad()
         if finite:
             self._running, self._seen = self._running + loss.detach().float().item(), self._seen + 1

@@ -147,7 +147,7 @@ class Trainer:
         (steps_a, dim_a), (steps_b, dim_b) = (split.features[column].shape for column in ("modality_a", "modality_b"))
         torch.manual_seed(config.seed)
         base = FeatureEncoderForClassification(FeatureEncoderConfig(
-            feature_dim_a=dim_a, feature_dim_b=dim_b, hidden_size=config.feature_hidden_size,
+            feature_size_a=dim_a, feature_size_b=dim_b, hidden_size=config.feature_hidden_size,
             num_hidden_layers=config.feature_layers, id2label=dict(enumerate(self.task.label_names)),
             problem_type=self.task.task_type))
         self.accelerator.print(f"Feature towers: frozen, random (torch seed {config.seed}), sized from the data: "
@@ -303,10 +303,10 @@ class Trainer:
         scheduler = get_scheduler(config.lr_scheduler_type, optimizer,
                                   num_warmup_steps=config.warmup_steps * accelerator.num_processes,
                                   num_training_steps=self.max_steps * accelerator.num_processes)
-        self.model, self.optimizer, self.train_loader, self.eval_loader, self.scheduler = accelerator.prepare(
+        self.model, self.optimizer, self.train_loader, self.eval_loader, self.lr_scheduler = accelerator.prepare(
             trained, optimizer, self.train_loader, self.eval_loader, scheduler)
         # resolved once per run: the direction schedule (None unless the adapter has directions) and the method's hooks
-        self.schedule = DirectionSchedule.for_model(self.model)
+        self.direction_schedule = DirectionSchedule.for_model(self.model)
         self.hooks = method_hooks(accelerator.unwrap_model(self.model))
         self.evaluator = {"retrieval": self.evaluate_retrieval, "labels": self.evaluate_labels}[self.hooks.evaluation]
         accelerator.register_save_state_pre_hook(self._keep_adapter_weights_only)
@@ -380,8 +380,8 @@ class Trainer:
     def engine(self) -> Engine:
         """The engine over this run's prepared model, optimizer and scheduler, continuing ``self.state``."""
         config = self.config
-        return Engine(self.model, self.optimizer, self.scheduler, accelerator=self.accelerator,
-                      max_grad_norm=config.max_grad_norm, schedule=self.schedule, hooks=self.hooks,
+        return Engine(self.model, self.optimizer, self.lr_scheduler, accelerator=self.accelerator,
+                      max_grad_norm=config.max_grad_norm, direction_schedule=self.direction_schedule, hooks=self.hooks,
                       model_inputs=self.model_inputs, max_nonfinite_in_a_row=config.max_nonfinite_in_a_row,
                       state=self.state)
 
@@ -398,7 +398,7 @@ class Trainer:
         """Logging, periodic evaluation and checkpoints after each optimizer step."""
         config, step = self.config, self.state.step
         if step % config.logging_steps == 0:
-            self.accelerator.log({"train/loss": loss, "train/lr": self.scheduler.get_last_lr()[0]}, step=step)
+            self.accelerator.log({"train/loss": loss, "train/lr": self.lr_scheduler.get_last_lr()[0]}, step=step)
         if step % config.eval_steps == 0 and step < self.max_steps:
             self.evaluate_and_keep_best()
         if step % config.save_steps == 0:
@@ -444,12 +444,12 @@ class Trainer:
         for batch in self.eval_loader:
             out = self.model(**self.model_inputs(batch, return_loss=False))
             parts.append([t.float().cpu() for t in accelerator.gather_for_metrics(
-                (out.image_to_text.embeds, out.text_to_image.embeds, out.image_target_embeds, out.text_target_embeds,
+                (out.vision_to_text.embeds, out.text_to_vision.embeds, out.vision_target_embeds, out.text_target_embeds,
                  batch["image_ids"], out.routing_weights.transpose(0, 1)))])
         self.train_mode()
-        image_queries, text_queries, image_targets, text_targets, ids, routing = (torch.cat(c) for c in zip(*parts))
+        image_queries, text_queries, vision_targets, text_targets, ids, routing = (torch.cat(c) for c in zip(*parts))
         ids = ids.long()
-        metrics = retrieval_recall(VectorStore(image_targets, ids), VectorStore(text_targets, ids),
+        metrics = retrieval_recall(VectorStore(vision_targets, ids), VectorStore(text_targets, ids),
                                    image_queries=image_queries, text_queries=text_queries)
         return metrics, routing.transpose(0, 1).numpy(), None
 

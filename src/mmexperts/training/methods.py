@@ -47,8 +47,9 @@ def method_config(name: str, kwargs: dict) -> PeftConfig:
     """Build the named method's PEFT config, with a clear error for unknown methods or fields."""
     if name not in METHODS:
         raise ValueError(f"Unknown method {name!r}; available: {sorted(METHODS)}.")
+    config_class = METHODS[name]
     try:
-        return METHODS[name](**kwargs)
+        return config_class(**config_class.with_current_names(kwargs, f"method_config of {name!r}"))
     except TypeError as error:
         raise ValueError(f"Bad method_config for {name!r}: {error}.") from error
 

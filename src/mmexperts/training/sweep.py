@@ -3,9 +3,9 @@
 ``design="concepts"`` (default), the expert-pruning sweep: train once, then for each sparsity prune, fine-tune,
 evaluate. Per seed: a :class:`~mmexperts.FeatureEncoderForClassification` with frozen towers gets an S3 adapter,
 which trains on the task (after an optional self-supervised Specialization stage). For every sparsity of the grid the
-trained adapter is restored, pruned on the validation split (utility criterion and schedule as configured), its router
-and heads are fine-tuned briefly (the unpruned level too), and validation and test accuracy are recorded. Results: a
-CSV, a PNG of accuracy against sparsity (mean and std over seeds) and a PNG of expert usage per class.
+trained adapter is restored, pruned on the validation split (utility criterion and pruning schedule as configured), its
+router and heads are fine-tuned briefly (the unpruned level too), and validation and test accuracy are recorded.
+Results: a CSV, a PNG of accuracy against sparsity (mean and std over seeds) and a PNG of expert usage per class.
 
 ``design="paper"``, the paper's granularity x keep-ratio sweep. Per seed and granularity chi, the frozen feature
 encoder of that seed gets a paper-design adapter ``S3Config.from_granularity(chi, expansion)`` (N = chi * rho experts,
@@ -39,6 +39,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import peft
@@ -55,6 +56,7 @@ from ..errors import ConfigError, CorruptFileError
 from ..metrics import compute_metrics
 from ..modeling import FeatureEncoderConfig, FeatureEncoderForClassification
 from ..plots import plot_class_usage, plot_keep_ratio_curves, plot_sparsity_curve
+from ..renames import current_names
 from ..s3.config import DESIGNS, S3Config
 from ..s3.protocol import keep_ratio_table, probe_features, summarize_keep_ratios
 from .engine import Engine, without
@@ -76,7 +78,8 @@ PAPER_CSV_TYPES = {"seed": int, "granularity": int, "num_experts": int, "keep_ra
 PAPER_FIELDS = ("granularities", "expansion", "keep_ratios", "num_moe_layers", "stage1_epochs", "stage2_epochs",
                 "eval_batch_size")
 CONCEPT_FIELDS = ("sparsities", "num_experts", "top_k", "head_input", "assignment_temperature", "sharpness_loss_weight",
-                  "ssl_loss_weight", "ssl_epochs", "epochs", "finetune_epochs", "criterion", "schedule")
+                  "ssl_loss_weight", "ssl_epochs", "epochs", "finetune_epochs", "criterion",
+                  "pruning_schedule")
 DATA_DEFAULTS = {"concepts": {"label_from": "shared,unique_a", "spurious_strength": 0.9},
                  "paper": {"label_from": "shared,unique_a,unique_b,synergy", "spurious_strength": 0.0}}
 SPECIALIZATION_KEY = "sweep.specialization_accuracy"  # stored beside the adapter weights in state/
@@ -87,6 +90,9 @@ SPECIALIZATION_KEY = "sweep.specialization_accuracy"  # stored beside the adapte
 class SweepConfig:
     """Everything one sweep needs; every field is also a ``recipes/sweep_s3.py`` option. Fields marked (concepts)
     or (paper) apply to that design's sweep only."""
+
+    # earlier name -> current name; config files and sweep folders written before the rename read back as the new name
+    renamed_fields: ClassVar[dict[str, str]] = {"latent_dim": "latent_size", "schedule": "pruning_schedule"}
 
     design: str = field(default="concepts", metadata={
         "help": "'concepts': the expert-pruning sparsity sweep of S3's concepts design; 'paper': the paper design's "
@@ -123,7 +129,7 @@ class SweepConfig:
     eval_batch_size: int = field(default=256, metadata={
         "help": "(paper) Batch size of the probe's feature passes; the keep ratio keeps the top pairs of each batch."})
     num_experts: int = field(default=8, metadata={"help": "(concepts) Concept experts K."})
-    latent_dim: int = field(default=32, metadata={"help": "Shared latent width d."})
+    latent_size: int = field(default=32, metadata={"help": "Shared latent width d."})
     top_k: int | None = field(default=None, metadata={"help": "(concepts) Router top-k (None: soft gating)."})
     head_input: str = field(default="concat", metadata={"help": "(concepts) What the heads read: 'concat' or 'sum'."})
     assignment_temperature: float = field(default=0.5, metadata={
@@ -145,8 +151,9 @@ class SweepConfig:
     batch_size: int = field(default=64, metadata={"help": "Batch size."})
     criterion: str = field(default="loss", metadata={
         "help": "(concepts) Utility: loss, gate_mass, usage or gate_output_norm."})
-    schedule: str = field(default="progressive", metadata={
-        "help": "(concepts) Pruning schedule: one-shot or progressive."})
+    pruning_schedule: str = field(default="progressive", metadata={
+        "help": "(concepts) How experts are pruned: one-shot (all at once) or progressive (one at a time, "
+                "rescoring)."})
     num_threads: int = field(default=1, metadata={
         "help": "Torch CPU threads while the sweep runs. Its models are tiny, so one thread is fastest; more threads "
                 "gain nothing and, on a machine whose cores are busy, make every step many times slower."})
@@ -211,7 +218,7 @@ def feature_encoder(data, config: SweepConfig) -> FeatureEncoderForClassificatio
     """A feature encoder sized for ``data`` (random init from the current torch seed); PEFT freezes it."""
     example = data["train"][0]
     return FeatureEncoderForClassification(FeatureEncoderConfig(
-        feature_dim_a=len(example["modality_a"][0]), feature_dim_b=len(example["modality_b"][0]),
+        feature_size_a=len(example["modality_a"][0]), feature_size_b=len(example["modality_b"][0]),
         hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers,
         num_labels=data["train"].features["label"].num_classes))
 
@@ -227,7 +234,7 @@ def build_model(data, config: SweepConfig, seed: int) -> peft.PeftModel:
     torch.manual_seed(seed)
     base = feature_encoder(data, config)
     return with_adapter(base, S3Config(
-        design="concepts", num_experts=config.num_experts, latent_dim=config.latent_dim, top_k=config.top_k,
+        design="concepts", num_experts=config.num_experts, latent_size=config.latent_size, top_k=config.top_k,
         head_input=config.head_input, assignment_temperature=config.assignment_temperature,
         sharpness_loss_weight=config.sharpness_loss_weight, ssl_loss_weight=config.ssl_loss_weight))
 
@@ -235,7 +242,7 @@ def build_model(data, config: SweepConfig, seed: int) -> peft.PeftModel:
 def paper_s3_config(config: SweepConfig, granularity: int) -> S3Config:
     """The paper-design adapter of granularity chi: ``chi * expansion`` experts per MoE layer, top-chi, no head (the
     sweep fits its linear probes after training)."""
-    return S3Config.from_granularity(granularity, config.expansion, latent_dim=config.latent_dim,
+    return S3Config.from_granularity(granularity, config.expansion, latent_size=config.latent_size,
                                      num_layers=config.num_moe_layers, num_labels=0, dispatch="dense")
 
 
@@ -262,8 +269,8 @@ def only_trainable(model: torch.nn.Module, params: list[torch.nn.Parameter]):
 
 def fit(model: torch.nn.Module, loader: DataLoader, epochs: int, learning_rate: float, weight_decay: float,
         labels: bool = True, description: str | None = None) -> None:
-    """AdamW over the trainable parameters through the training engine (clipping 1.0, no schedule); ``labels=False``
-    drops labels (the self-supervised stage).
+    """AdamW over the trainable parameters through the training engine (clipping 1.0, no learning-rate scheduler);
+    ``labels=False`` drops labels (the self-supervised stage).
 
     With a ``description``, a progress bar counts the steps (it disappears when done).
     """
@@ -300,7 +307,8 @@ def prune_and_finetune(model: peft.PeftModel, sparsity: float, validation: list[
     The unpruned level gets the same fine-tune, so every level has had the same training.
     """
     tuner = model.base_model
-    mask = tuner.prune(sparsity, validation, criterion=config.criterion, schedule=config.schedule)
+    mask = tuner.prune(sparsity, validation, criterion=config.criterion,
+                       pruning_schedule=config.pruning_schedule)
     if config.finetune_epochs:
         with only_trainable(model, tuner.router_and_head_parameters()):
             fit(model, train, config.finetune_epochs, config.learning_rate, config.weight_decay,
@@ -620,10 +628,10 @@ def check_paper_grid(config: SweepConfig) -> None:
         if getattr(config, name) < 1:
             raise bad(name, "an integer >= 1")
     heads = S3Config.__dataclass_fields__["num_heads"].default
-    if config.latent_dim % heads:
-        raise bad("latent_dim", f"a multiple of {heads} in the paper design (its MoE layers' attention heads), "
+    if config.latent_size % heads:
+        raise bad("latent_size", f"a multiple of {heads} in the paper design (its MoE layers' attention heads), "
                                 "e.g. 32")
-    for chi in chis:  # the adapter's own checks (positive chi and rho, latent_dim a multiple of the heads...)
+    for chi in chis:  # the adapter's own checks (positive chi and rho, latent_size a multiple of the heads...)
         paper_s3_config(config, chi)
 
 
@@ -684,6 +692,7 @@ def prepare_output(config: SweepConfig) -> list[dict]:
             saved = json.loads((out / CONFIG_FILE).read_text())
         except json.JSONDecodeError as error:
             raise CorruptFileError(out / CONFIG_FILE, f"not JSON ({error}); {fix}") from None
+        saved = current_names(saved, SweepConfig.renamed_fields, str(out / CONFIG_FILE))
         current = compared_config(config)
         designs = (saved.get("design", "concepts"), config.design)
         changed = [f"design: {designs[0]!r} there, {designs[1]!r} now"] if designs[0] != designs[1] else \
