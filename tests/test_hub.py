@@ -104,6 +104,24 @@ def test_snippet_of_a_base_loaded_whole_loads_that_folder_and_the_adapter(tmp_pa
         torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
 
 
+def test_mope_on_a_dual_encoder_of_two_towers_saves_its_random_projections_so_the_snippet_gives_its_outputs(
+        tmp_path, towers):
+    torch.manual_seed(0)
+    base = VisionTextDualEncoderModel.from_vision_text_pretrained(*towers, projection_dim=16)
+    model = mope(base)
+    assert model.peft_config["default"].modules_to_save == ["text_projection", "visual_projection"]
+    _, snippet = card_for(model, tmp_path / "adapter")
+    torch.manual_seed(5)  # the snippet's base draws other projections; the adapter brings the trained ones
+    namespace = run_base_part(snippet)
+    batch = make_batch(with_labels=False)
+    with torch.no_grad():
+        loaded, trained = namespace["model"](**batch), model(**batch)
+    torch.testing.assert_close(loaded.logits_per_image, trained.logits_per_image, rtol=0, atol=0)
+    whole = tmp_path / "whole"  # a dual encoder loaded whole keeps its projections frozen (nothing random in it)
+    base.save_pretrained(whole)
+    assert mope(VisionTextDualEncoderModel.from_pretrained(whole)).peft_config["default"].modules_to_save is None
+
+
 def test_snippet_of_two_towers_rebuilds_the_dual_encoder_with_its_projection_size(tmp_path, towers):
     torch.manual_seed(0)
     base = VisionTextDualEncoderModel.from_vision_text_pretrained(*towers, projection_dim=16)

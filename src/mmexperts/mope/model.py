@@ -15,6 +15,21 @@ from .config import MoPEConfig
 from .layer import DEEP, ROUTED, MoPELayer
 
 HEAD_NAMES = ("classifier",)
+# A VisionTextDualEncoderModel assembled from two towers (or from configs) draws these at random when it is built
+DUAL_ENCODER_PROJECTIONS = ("visual_projection", "text_projection")
+
+
+def trained_heads(model: nn.Module, new_adapter: bool = True) -> list[str]:
+    """The modules over the towers that MoPE trains and saves with the adapter (PEFT's ``modules_to_save``): the
+    classifier head, and for a ``new_adapter`` the projections of a dual encoder assembled from two towers, which are
+    random (a dual encoder loaded whole, with a recorded ``_name_or_path``, keeps its trained projections frozen; a
+    saved adapter's config already lists what it saved)."""
+    heads = [name for name in HEAD_NAMES if isinstance(getattr(model, name, None), nn.Module)]
+    config = getattr(model, "config", None)
+    if new_adapter and getattr(config, "model_type", None) == "vision-text-dual-encoder" and not getattr(
+            config, "_name_or_path", ""):
+        heads += [name for name in DUAL_ENCODER_PROJECTIONS if isinstance(getattr(model, name, None), nn.Module)]
+    return heads
 
 
 class MoPEModel(TwoTowerTuner):
@@ -27,6 +42,7 @@ class MoPEModel(TwoTowerTuner):
 
     def _prepare_adapter_config(self, peft_config: MoPEConfig, model_config: dict) -> MoPEConfig:
         towers = self.towers
+        new_adapter = peft_config.vision_hidden_size is None  # recorded at the first injection, saved with it
         self._record_tower_sizes(peft_config)
         prompted, complementary = towers[peft_config.prompted_tower], towers[peft_config.complementary_tower]
         layers = peft_config.routed_layers
@@ -41,7 +57,7 @@ class MoPEModel(TwoTowerTuner):
             if peft_config.complementary_prompt_length:
                 targets += complementary.block_names
             peft_config.target_modules = targets
-        heads = [name for name in HEAD_NAMES if isinstance(getattr(self.model, name, None), nn.Module)]
+        heads = trained_heads(self.model, new_adapter)
         if heads:
             peft_config.modules_to_save = sorted(set(peft_config.modules_to_save or []) | set(heads))
         return peft_config
