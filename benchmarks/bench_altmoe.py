@@ -25,6 +25,7 @@ over interleaved repetitions in one process. Results go to stdout and to ``bench
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 import tempfile
@@ -44,7 +45,7 @@ from mmexperts.offline.backbones import pretrained_backbones
 from mmexperts.training.alternating import DirectionSchedule
 from mmexperts.training.engine import Engine, adamw_with_lr_scheduler
 
-from harness import environment
+from harness import environment, markdown_table, time_rounds
 
 HERE = Path(__file__).resolve().parent
 WIDTH, EXPERTS, TOP_K = 128, 8, 2
@@ -153,19 +154,19 @@ def time_steps(backbones, rows: Rows, batch_size: int, repeats: int, seed: int) 
         models[dispatch] = build_model(backbones, AltMoEConfig(**BASE, dispatch=dispatch), seed)
         optimizers[dispatch] = torch.optim.AdamW([p for p in models[dispatch].parameters() if p.requires_grad])
     batch = CachedFeatures.collate([rows[i] for i in range(batch_size)])
-    times = {d: [] for d in models}
-    for repeat in range(repeats + 2):
-        for dispatch in (("sparse", "dense") if repeat % 2 else ("dense", "sparse")):
-            module = FeatureConnector(models[dispatch]).train()
-            with models[dispatch].base_model.direction("vision_to_text" if repeat % 2 else "text_to_vision"):
-                start = time.perf_counter()
+
+    def step(dispatch: str):
+        module, calls = FeatureConnector(models[dispatch]).train(), itertools.count()
+
+        def call() -> None:  # the directions alternate, one per round
+            with models[dispatch].base_model.direction(("text_to_vision", "vision_to_text")[next(calls) % 2]):
                 module(**batch).loss.backward()
                 optimizers[dispatch].step()
                 optimizers[dispatch].zero_grad()
-                elapsed = time.perf_counter() - start
-            if repeat >= 2:
-                times[dispatch].append(elapsed * 1000)
-    return {d: statistics.median(t) for d, t in times.items()}
+        return call
+
+    times = time_rounds({d: step(d) for d in ("dense", "sparse")}, repeats, warmup=2)
+    return {d: statistics.median(t * 1000 for t in times[d]) for d in ("sparse", "dense")}
 
 
 def main(argv=None) -> int:
@@ -239,20 +240,19 @@ def render(results: dict, timing: dict, args, captions: int, train_pairs: int, e
              ""]
     for protocol, title in (("multi_caption", f"Multi-caption protocol ({captions} captions per image)"),
                             ("pairwise", "Pairwise protocol (first caption of each image)")):
+        metrics = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
         lines += [f"## {title}", "",
-                  "| variant | trainable params | steps | I->T R@1 | R@5 | R@10 | T->I R@1 | R@5 | R@10 | RSUM |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-        for name, result in results.items():
-            s = result[protocol]
-            lines.append(f"| {name} | {result['params']:,} | {result['steps']} | {s['i2t_r1']:.1f} | "
-                         f"{s['i2t_r5']:.1f} | {s['i2t_r10']:.1f} | {s['t2i_r1']:.1f} | {s['t2i_r5']:.1f} | "
-                         f"{s['t2i_r10']:.1f} | {s['rsum']:.1f} |")
-        lines.append("")
+                  *markdown_table(["variant", "trainable params", "steps", "I->T R@1", "R@5", "R@10", "T->I R@1",
+                                   "R@5", "R@10", "RSUM"],
+                                  [[name, f"{result['params']:,}", str(result["steps"]),
+                                    *(f"{result[protocol][m]:.1f}" for m in metrics)]
+                                   for name, result in results.items()], right=range(1, 10)),
+                  ""]
     lines += ["## Connector training step (cached features, one direction, batch "
               f"{args.batch_size}, median of {args.timing_repeats})", "",
-              "| expert dispatch | ms / step | ratio to dense |", "| --- | ---: | ---: |"]
-    for dispatch, ms in timing.items():
-        lines.append(f"| {dispatch} | {ms:.1f} | {ms / timing['dense']:.2f} |")
+              *markdown_table(["expert dispatch", "ms / step", "ratio to dense"],
+                              [[dispatch, f"{ms:.1f}", f"{ms / timing['dense']:.2f}"]
+                               for dispatch, ms in timing.items()], right=(1, 2))]
     lines += ["", f"Environment: {environment(args.threads)}; total {elapsed / 60:.1f} min.", ""]
     return "\n".join(lines)
 

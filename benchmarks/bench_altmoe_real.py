@@ -35,7 +35,7 @@ import torch  # noqa: E402
 from mmexperts.data.loading import load_task  # noqa: E402
 from mmexperts.training import TrainConfig, Trainer  # noqa: E402
 
-from harness import environment  # noqa: E402
+from harness import environment, markdown_table  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 WIDTH, EXPERTS = 256, 8
@@ -98,14 +98,14 @@ def render(summary: dict, ceiling: dict, args, elapsed: float) -> str:
              f"images x 5 captions, {args.epochs} epochs, batch 64, AdamW lr {args.lr}, width {WIDTH}, tau 0.03, "
              f"alpha 0.5; trained from cached tower features. Evaluation: {args.eval_size} held-out images, caption 0 "
              "each. Recall in percent, mean +- std over seeds; training time = the recipe's training loop "
-             "(features cached beforehand).", "",
-             "| schedule | connector | params | I->T R@1 | R@5 | R@10 | T->I R@1 | R@5 | R@10 | RSUM | train s |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for (schedule, connector), cell in summary.items():
-        values = " | ".join(f"{cell[m][0]:.1f} +- {cell[m][1]:.1f}" for m in [*METRICS, "rsum"])
-        lines.append(f"| {schedule} | {connector} | {cell['params']:,} | {values} | {cell['train_s'][0]:.0f} |")
-    bound = " | ".join(f"{ceiling[k]:.1f}" for k in (1, 5, 10))
-    lines.append(f"| ceiling | (captions shared by images) | | {bound} | {bound} | {2 * sum(ceiling.values()):.1f} | |")
+             "(features cached beforehand).", ""]
+    rows = [[schedule, connector, f"{cell['params']:,}", *(f"{cell[m][0]:.1f} +- {cell[m][1]:.1f}"
+                                                           for m in [*METRICS, "rsum"]), f"{cell['train_s'][0]:.0f}"]
+            for (schedule, connector), cell in summary.items()]
+    bound = [f"{ceiling[k]:.1f}" for k in (1, 5, 10)]
+    rows.append(["ceiling", "(captions shared by images)", "", *bound, *bound, f"{2 * sum(ceiling.values()):.1f}", ""])
+    lines += markdown_table(["schedule", "connector", "params", "I->T R@1", "R@5", "R@10", "T->I R@1", "R@5", "R@10",
+                             "RSUM", "train s"], rows, right=range(2, 11))
     lines += ["", f"Environment: {environment(args.threads)}, busy shared cores; total {elapsed / 60:.1f} min.", ""]
     return "\n".join(lines)
 

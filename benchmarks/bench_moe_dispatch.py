@@ -13,25 +13,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
 from mmexperts.moe import ExpertMLPs, top_k_weights
 
-from harness import environment
+from harness import environment, markdown_table, median_ratio, paired_ratio, time_rounds
 
 HERE = Path(__file__).resolve().parent
-
-
-def step(experts: ExpertMLPs, x: torch.Tensor, weights: torch.Tensor) -> float:
-    """Seconds of one forward + backward."""
-    experts.zero_grad(set_to_none=True)
-    x.grad = None
-    start = time.perf_counter()
-    experts(x, weights).pow(2).mean().backward()
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -55,16 +45,17 @@ def main() -> None:
     weights = top_k_weights(torch.randn(args.tokens, args.experts).softmax(-1), args.top_k)
     with torch.no_grad():  # both modes compute the same function
         torch.testing.assert_close(variants["sparse"](x, weights), variants["dense"](x, weights), atol=1e-4, rtol=1e-4)
-    for mode in variants:  # warm-up
-        step(variants[mode], x, weights)
-    times = {mode: [] for mode in variants}
-    for rep in range(args.reps):
-        order = ("sparse", "dense") if rep % 2 == 0 else ("dense", "sparse")
-        for mode in order:
-            times[mode].append(step(variants[mode], x, weights))
+
+    def clear_grads(mode: str) -> None:
+        variants[mode].zero_grad(set_to_none=True)
+        x.grad = None
+
+    steps = {mode: lambda experts=experts: experts(x, weights).pow(2).mean().backward()  # one forward + backward
+             for mode, experts in variants.items()}
+    times = time_rounds(steps, args.reps, warmup=1, setup=clear_grads)
     median = {mode: statistics.median(values) for mode, values in times.items()}
-    ratio = median["sparse"] / median["dense"]
-    paired = statistics.median(s / d for s, d in zip(times["sparse"], times["dense"]))
+    ratio = median_ratio(times["sparse"], times["dense"])
+    paired = paired_ratio(times["sparse"], times["dense"])
     ideal = args.top_k / args.experts
     bound = ideal + 0.15
     lines = [
@@ -74,9 +65,9 @@ def main() -> None:
         f"{args.expert_hidden}, fp32, forward + backward, {args.reps} interleaved repetitions after one warm-up.",
         f"Environment: {environment()}.",
         "",
-        "| dispatch | median s | min-max s |",
-        "| --- | --- | --- |",
-        *[f"| {mode} | {median[mode]:.3f} | {min(times[mode]):.3f}-{max(times[mode]):.3f} |" for mode in times],
+        *markdown_table(["dispatch", "median s", "min-max s"],
+                        [[mode, f"{median[mode]:.3f}", f"{min(times[mode]):.3f}-{max(times[mode]):.3f}"]
+                         for mode in times]),
         "",
         f"- sparse / dense (ratio of medians): **{ratio:.3f}**; median paired ratio {paired:.3f}",
         f"- ideal k/K = {ideal:.3f}; target <= k/K + 0.15 = {bound:.3f}: {'met' if ratio <= bound else 'NOT met'}",

@@ -36,7 +36,16 @@ import traceback
 import warnings
 from pathlib import Path
 
-from harness import environment, load_average, reset_peak, status_kib
+from harness import (
+    environment,
+    load_average,
+    markdown_table,
+    median_ratio,
+    paired_ratio,
+    reset_peak,
+    status_kib,
+    time_calls,
+)
 
 HERE = Path(__file__).resolve().parent
 NUM_LABELS = 101
@@ -163,8 +172,7 @@ def _worker(conn, kind: str, variant: str, options: dict) -> None:
             batch = {k: v for k, v in batch.items() if k != "labels"}
         torch.manual_seed(options["seed"] + 1)
 
-        def step() -> float:
-            start = time.perf_counter()
+        def step() -> None:
             if kind == "train":
                 out = model(**batch)
                 out.loss.backward()
@@ -173,7 +181,6 @@ def _worker(conn, kind: str, variant: str, options: dict) -> None:
             else:
                 with torch.no_grad():
                     model(**batch)
-            return time.perf_counter() - start
 
         gc.collect()
         info["rss_model_kib"] = status_kib("VmRSS")
@@ -183,7 +190,7 @@ def _worker(conn, kind: str, variant: str, options: dict) -> None:
         while True:
             command = conn.recv()
             if command == "step":
-                conn.send(("time", step()))
+                conn.send(("time", time_calls(step, 1)[0]))
             elif command == "memory":
                 info["peak_kib"] = _peak_memory(peak_was_reset)
                 info["state_mib"] = _state_mib(model, optimizer)
@@ -240,7 +247,6 @@ def _run_group(kind: str, variants, warmup: int, steps: int, options: dict, log)
             info = worker.wait_ready()
             log(f"  built {kind}/{variant} in {time.perf_counter() - start:.1f} s "
                 f"({info['trainable_params']:,} trainable of {info['total_params']:,} parameters)")
-        rounds = []
         for repetition in range(warmup + steps):
             shift = repetition % len(workers)
             order = workers[shift:] + workers[:shift]  # rotate so that no variant always runs first or last
@@ -248,8 +254,7 @@ def _run_group(kind: str, variants, warmup: int, steps: int, options: dict, log)
             for worker in order:
                 times[worker.variant] = worker.request("step")
             measured = repetition >= warmup
-            if measured:
-                rounds.append(times)
+            if measured:  # the i-th time of every variant comes from measured round i (paired ratios)
                 for worker in workers:
                     worker.times.append(times[worker.variant])
             log(f"  {kind} round {repetition + 1}/{warmup + steps}{'' if measured else ' (warm-up)'}: " +
@@ -258,8 +263,6 @@ def _run_group(kind: str, variants, warmup: int, steps: int, options: dict, log)
         for worker in workers:
             memory = worker.request("memory")
             results.append(dict(kind=kind, variant=worker.variant, times=worker.times, **memory))
-        for result in results:
-            result["rounds"] = rounds
         return results
     finally:
         for worker in workers:
@@ -284,45 +287,37 @@ def _median_ms(result) -> float:
     return statistics.median(result["times"]) * 1e3
 
 
-def _paired_ratio(numerator: str, denominator: str, rounds) -> float:
-    return statistics.median(r[numerator] / r[denominator] for r in rounds)
-
-
 def _table(results: list[dict], reference: str) -> list[str]:
     ref = next(r for r in results if r["variant"] == reference)
     ref_ms, ref_peak, ref_delta = _median_ms(ref), ref["peak_kib"], ref["peak_kib"] - ref["rss_model_kib"]
-    lines = [
-        f"| variant | trainable params | median ms (min-max) | time / {reference} | peak RSS MiB | peak / {reference} "
-        f"| peak - model RSS MiB | ratio | weights+grads+AdamW MiB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+    rows = []
     for r in results:
         ms = _median_ms(r)
         delta = r["peak_kib"] - r["rss_model_kib"]
-        lines.append(
-            f"| {DESCRIPTIONS[(r['kind'], r['variant'])]} | {r['trainable_params']:,} | {ms:,.0f} "
-            f"({min(r['times']) * 1e3:,.0f}-{max(r['times']) * 1e3:,.0f}) | {ms / ref_ms:.2f} "
-            f"| {r['peak_kib'] / 1024:,.0f} | {r['peak_kib'] / ref_peak:.2f} | {delta / 1024:,.0f} "
-            f"| {delta / ref_delta if ref_delta > 0 else math.nan:.2f} | {r['state_mib']:,.0f} |")
-    return lines
+        rows.append([DESCRIPTIONS[(r["kind"], r["variant"])], f"{r['trainable_params']:,}",
+                     f"{ms:,.0f} ({min(r['times']) * 1e3:,.0f}-{max(r['times']) * 1e3:,.0f})", f"{ms / ref_ms:.2f}",
+                     f"{r['peak_kib'] / 1024:,.0f}", f"{r['peak_kib'] / ref_peak:.2f}", f"{delta / 1024:,.0f}",
+                     f"{delta / ref_delta if ref_delta > 0 else math.nan:.2f}", f"{r['state_mib']:,.0f}"])
+    return markdown_table(["variant", "trainable params", "median ms (min-max)", f"time / {reference}", "peak RSS MiB",
+                           f"peak / {reference}", "peak - model RSS MiB", "ratio", "weights+grads+AdamW MiB"], rows,
+                          right=range(1, 9), compact=True)
 
 
 def _report(train: list[dict], infer: list[dict], options: dict, elapsed: float) -> str:
     by_name = {r["variant"]: r for r in train}
     infer_by_name = {r["variant"]: r for r in infer}
     mope, deep, full = by_name["mope"], by_name["deep-prompt"], by_name["full-ft"]
-    rounds = mope["rounds"]
     peak_ratio = mope["peak_kib"] / full["peak_kib"]
     delta_ratio = (mope["peak_kib"] - mope["rss_model_kib"]) / (full["peak_kib"] - full["rss_model_kib"])
-    time_ratio = _median_ms(mope) / _median_ms(deep)
-    paired = _paired_ratio("mope", "deep-prompt", rounds)
+    time_ratio = median_ratio(mope["times"], deep["times"])
+    paired = paired_ratio(mope["times"], deep["times"])
     min_ratio = min(mope["times"]) / min(deep["times"])
-    full_ratio, full_min_ratio = _median_ms(mope) / _median_ms(full), min(mope["times"]) / min(full["times"])
+    full_ratio, full_min_ratio = median_ratio(mope["times"], full["times"]), min(mope["times"]) / min(full["times"])
     infer_min_ratio = min(infer_by_name["mope"]["times"]) / min(infer_by_name["base"]["times"])
     spread = max(statistics.median(r["times"]) / min(r["times"]) for r in train + infer)
     contended = spread > 1.2
-    infer_ratio = _median_ms(infer_by_name["mope"]) / _median_ms(infer_by_name["base"])
-    infer_paired = _paired_ratio("mope", "base", infer_by_name["mope"]["rounds"])
+    infer_ratio = median_ratio(infer_by_name["mope"]["times"], infer_by_name["base"]["times"])
+    infer_paired = paired_ratio(infer_by_name["mope"]["times"], infer_by_name["base"]["times"])
 
     def verdict(ok: bool) -> str:
         return "PASS" if ok else "FAIL"

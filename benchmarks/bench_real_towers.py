@@ -49,7 +49,7 @@ from mmexperts.offline.real_towers import real_towers
 from mmexperts.plots import plot_routing
 from mmexperts.training.probes import fit_linear_probe, pooled_features
 
-from harness import environment
+from harness import environment, markdown_table
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -246,10 +246,10 @@ def write_results(args, rows: list[dict], table: list[dict], total_params: int) 
              f"(first {args.vision_layers} blocks, {args.image_size} px) + all-MiniLM-L6-v2, {args.epochs} epochs, "
              f"batch {args.batch_size}, lr {args.learning_rate}; towers {total_params / 1e6:.1f}M parameters; "
              f"seeds {args.seeds}; {environment(args.threads)}.", "",
-             "| method | test accuracy (mean +- std) | trainable | % of towers | train time (s) |",
-             "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {r['method']} | {r['accuracy_mean']:.3f} +- {r['accuracy_std']:.3f} | {r['trainable']:,} | "
-              f"{r['trainable_pct']:.2f} | {r['train_seconds']:.0f} |" for r in table]
+             *markdown_table(["method", "test accuracy (mean +- std)", "trainable", "% of towers", "train time (s)"],
+                             [[r["method"], f"{r['accuracy_mean']:.3f} +- {r['accuracy_std']:.3f}",
+                               f"{r['trainable']:,}", f"{r['trainable_pct']:.2f}", f"{r['train_seconds']:.0f}"]
+                              for r in table])]
     Path(f"{stem}.md").write_text("\n".join(lines) + "\n")
     from mmexperts.plots import pyplot
 

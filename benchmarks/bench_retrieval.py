@@ -30,7 +30,7 @@ import torch
 
 from mmexperts.retrieval import VectorStore, recall_at_k
 
-from harness import environment
+from harness import environment, markdown_table, time_calls
 
 HERE = Path(__file__).resolve().parent
 K = 10
@@ -69,19 +69,10 @@ def torch_topk(gallery: torch.Tensor, queries: torch.Tensor, k: int, chunk: int 
                       for i in range(0, len(queries), chunk)])
 
 
-def timed(fn, repeats: int) -> tuple[float, object]:
-    fn()  # warm-up
-    times, out = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), out
-
-
 def measure(name, settings, build_s, fn, repeats, num_queries, exact, source):
-    seconds, positions = timed(fn, repeats)
-    positions = positions.numpy()
+    outputs = []
+    seconds = statistics.median(time_calls(lambda: outputs.append(fn()), repeats, warmup=1))
+    positions = outputs[-1].numpy()
     overlap = float(np.mean([len(set(a) & set(b)) for a, b in zip(positions.tolist(), exact.tolist())]) / K)
     hit = recall_at_k(positions == source[:, None], k_values=(K,))[f"recall@{K}"]
     row = {"method": name, "settings": settings, "build_s": build_s, "qps": num_queries / seconds,
@@ -173,14 +164,12 @@ def write_report(args, rows, total_s) -> None:
         "item in the top 10. Ratios are against FAISS exact (`IndexFlatIP`). **bold** = meets the target "
         f"(>= {RECALL_TARGET} of exact Recall@10 and Hit@10 at >= {SPEEDUP_TARGET:g}x its throughput).",
         "",
-        "| method | settings | build s | queries/s | x exact | Recall@10 | Hit@10 | / exact Hit@10 |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        *markdown_table(
+            ["method", "settings", "build s", "queries/s", "x exact", "Recall@10", "Hit@10", "/ exact Hit@10"],
+            [[f"**{row['method']}**" if row["meets"] else row["method"], row["settings"], f"{row['build_s']:.1f}",
+              f"{row['qps']:,.0f}", f"{row['speedup']:.1f}", f"{row['recall10']:.4f}", f"{row['hit10']:.4f}",
+              f"{row['hit_ratio']:.3f}"] for row in rows], right=range(2, 8), compact=True),
     ]
-    for row in rows:
-        mark = "**" if row["meets"] else ""
-        lines.append(f"| {mark}{row['method']}{mark} | {row['settings']} | {row['build_s']:.1f} | {row['qps']:,.0f} "
-                     f"| {row['speedup']:.1f} | {row['recall10']:.4f} | {row['hit10']:.4f} | "
-                     f"{row['hit_ratio']:.3f} |")
     best = {}
     for row in rows:
         if row["meets"] and row["qps"] > best.get(row["method"], {"qps": 0})["qps"]:

@@ -23,6 +23,7 @@ import argparse
 import os
 import statistics
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -31,22 +32,20 @@ from mmexperts import S3Config
 from mmexperts.s3 import S3Core
 from mmexperts.training.sweep import SweepConfig, sparsity_sweep
 
-from harness import environment
+from harness import environment, markdown_table, median_ratio, time_rounds
 
 HERE = Path(__file__).resolve().parent
 
 
-def time_core(core: S3Core, tokens: torch.Tensor, mask: torch.Tensor, expert_mask: torch.Tensor, train: bool) -> float:
-    core.train(train)
-    start = time.perf_counter()
-    if train:
+def run_core(core: S3Core, tokens: torch.Tensor, mask: torch.Tensor, expert_mask: torch.Tensor) -> None:
+    """A forward (no_grad) in eval mode, a forward + backward in training mode."""
+    if core.training:
         out = core(tokens, mask, expert_mask)
         (out.logits.pow(2).mean() + out.aux_loss).backward()
         core.zero_grad(set_to_none=True)
     else:
         with torch.no_grad():
             core(tokens, mask, expert_mask)
-    return time.perf_counter() - start
 
 
 def cost_table(rounds: int, num_experts: int = 8) -> list[str]:
@@ -56,24 +55,21 @@ def cost_table(rounds: int, num_experts: int = 8) -> list[str]:
     core = S3Core(config, num_labels=2)
     tokens, mask = torch.randn(128, 64, 256), torch.ones(128, 64, dtype=torch.bool)
     levels = list(range(num_experts))
-    masks = {p: torch.arange(num_experts) < num_experts - p for p in levels}
-    times = {(mode, p): [] for mode in ("forward", "train") for p in levels}
+    calls = {p: partial(run_core, core, tokens, mask, torch.arange(num_experts) < num_experts - p) for p in levels}
+    times = {}
     for mode in ("forward", "train"):
-        for p in levels:  # warm-up
-            time_core(core, tokens, mask, masks[p], mode == "train")
-        for round_ in range(rounds):
-            for p in levels[round_ % len(levels):] + levels[:round_ % len(levels)]:
-                times[mode, p].append(time_core(core, tokens, mask, masks[p], mode == "train"))
-    rows = ["| pruned | active | ideal (active/K) | forward ms | forward / unpruned | train step ms "
-            "| train / unpruned |",
-            "| --- | --- | --- | --- | --- | --- | --- |"]
-    median = {key: statistics.median(values) for key, values in times.items()}
+        core.train(mode == "train")
+        times[mode] = time_rounds(calls, rounds, warmup=1)
+    rows = []
     for p in levels:
         active = num_experts - p
-        rows.append(f"| {p} | {active} | {active / num_experts:.3f} | {1000 * median['forward', p]:.1f} | "
-                    f"{median['forward', p] / median['forward', 0]:.3f} | {1000 * median['train', p]:.1f} | "
-                    f"{median['train', p] / median['train', 0]:.3f} |")
-    return rows
+        cells = [str(p), str(active), f"{active / num_experts:.3f}"]
+        for mode in ("forward", "train"):
+            cells += [f"{1000 * statistics.median(times[mode][p]):.1f}",
+                      f"{median_ratio(times[mode][p], times[mode][0]):.3f}"]
+        rows.append(cells)
+    return markdown_table(["pruned", "active", "ideal (active/K)", "forward ms", "forward / unpruned", "train step ms",
+                           "train / unpruned"], rows)
 
 
 def paired_lines(rows: list[dict], peak: float) -> list[str]:
@@ -82,12 +78,11 @@ def paired_lines(rows: list[dict], peak: float) -> list[str]:
     for row in rows:
         by_seed.setdefault(row["seed"], {})[row["sparsity"]] = row["test_accuracy"]
     lowest, highest = min(r["sparsity"] for r in rows), max(r["sparsity"] for r in rows)
-    lines = [f"Per seed (paired), test accuracy at the peak sparsity {peak:.3f} minus the unpruned / the highest "
-             "sparsity:", "", "| seed | peak - unpruned | peak - highest |", "| --- | --- | --- |"]
-    for seed, accuracy in by_seed.items():
-        gains = accuracy[peak] - accuracy[lowest], accuracy[peak] - accuracy[highest]
-        lines.append(f"| {seed} | {gains[0]:+.4f} | {gains[1]:+.4f} |")
-    return lines
+    return [f"Per seed (paired), test accuracy at the peak sparsity {peak:.3f} minus the unpruned / the highest "
+            "sparsity:", "",
+            *markdown_table(["seed", "peak - unpruned", "peak - highest"],
+                            [[str(seed), f"{accuracy[peak] - accuracy[lowest]:+.4f}",
+                              f"{accuracy[peak] - accuracy[highest]:+.4f}"] for seed, accuracy in by_seed.items()])]
 
 
 def main() -> None:
@@ -124,9 +119,10 @@ def main() -> None:
                  f"d={config.latent_size}; {config.epochs} training epochs, pruning `{config.pruning_schedule}` by "
                  f"`{config.criterion}` utility on validation, {config.finetune_epochs} router + head fine-tune "
                  "epochs (every level, the unpruned one included).",
-                 "", "| sparsity | pruned | test accuracy (mean ± std over seeds) |", "| --- | --- | --- |",
-                 *[f"| {row['sparsity']:.3f} | {row['pruned']} | {row['mean']:.4f} ± {row['std']:.4f} |"
-                   for row in result["summary"]],
+                 "",
+                 *markdown_table(["sparsity", "pruned", "test accuracy (mean ± std over seeds)"],
+                                 [[f"{row['sparsity']:.3f}", str(row["pruned"]),
+                                   f"{row['mean']:.4f} ± {row['std']:.4f}"] for row in result["summary"]]),
                  "",
                  f"Peak at sparsity {best['sparsity']:.3f} ({best['mean']:.4f}); unpruned "
                  f"{result['summary'][0]['mean']:.4f}; highest sparsity {result['summary'][-1]['mean']:.4f}. "

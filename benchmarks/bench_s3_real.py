@@ -42,7 +42,7 @@ from mmexperts.s3.protocol import keep_ratio_table, probe_features, summarize_ke
 from mmexperts.towers import masked_mean
 from mmexperts.training.sweep import SweepConfig, evaluate, fit, probe_accuracy, prune_and_finetune, three_stages
 
-from harness import run_footer
+from harness import markdown_table, run_footer
 from s3_protocol import named_rows
 
 HERE = Path(__file__).resolve().parent
@@ -272,17 +272,18 @@ def markdown(args, summary: list[dict], seconds: float, command: str, encode_sec
              f"d={args.latent_size}, {args.num_layers} MoE layer(s) per modality; stage 1 {args.stage1_epochs} epochs, "
              f"stage 2 {args.stage2_epochs} epochs (routers only); linear probe on `fused_embeds`; eval batches of "
              f"{args.eval_batch_size}. Chance: 0.5.", "", *keep_ratio_table(summary, models), "",
-             "| baseline or probe | test accuracy |", "| --- | --- |"]
-    for model in dict.fromkeys(row["model"] for row in summary):
-        if model not in models and model != "concepts design":
-            lines.append(f"| {model} | {cell[(model, 1.0)]['mean']:.4f} ± {cell[(model, 1.0)]['std']:.4f} |")
+             *markdown_table(["baseline or probe", "test accuracy"],
+                             [[model, f"{cell[(model, 1.0)]['mean']:.4f} ± {cell[(model, 1.0)]['std']:.4f}"]
+                              for model in dict.fromkeys(row["model"] for row in summary)
+                              if model not in models and model != "concepts design"])]
     concepts = [row for row in summary if row["model"] == "concepts design"]
     if concepts:
         lines += ["", "Concepts design (`design=\"concepts\"`) on the same tokens: supervised heads "
                   f"{args.concept_epochs} epochs, one-shot gate-mass pruning by validation utility, 3 router + head "
                   "fine-tune epochs; test accuracy of its own head:", "",
-                  "| experts pruned | test accuracy |", "| --- | --- |"]
-        lines += [f"| {1 - r['keep_ratio']:.2f} | {r['mean']:.4f} ± {r['std']:.4f} |" for r in reversed(concepts)]
+                  *markdown_table(["experts pruned", "test accuracy"],
+                                  [[f"{1 - r['keep_ratio']:.2f}", f"{r['mean']:.4f} ± {r['std']:.4f}"]
+                                   for r in reversed(concepts)])]
     lines += ["", run_footer(seconds, HERE)]
     return "\n".join(lines) + "\n"
 

@@ -38,7 +38,7 @@ from mmexperts.plots import plot_keep_ratio_curves
 from mmexperts.s3.protocol import keep_ratio_table, summarize_keep_ratios
 from mmexperts.training.sweep import feature_loader, probe_accuracy, three_stages
 
-from harness import run_footer
+from harness import markdown_table, run_footer
 from s3_protocol import named_rows
 
 HERE = Path(__file__).resolve().parent
@@ -130,8 +130,9 @@ def markdown(args, summary: list[dict], concepts: list[dict] | None, seconds: fl
                   "SweepConfig's factor data (label from shared + unique_a; modality b's noise agrees with the label "
                   "in train only), 600 train / 400 test, supervised heads 15 epochs, one-shot gate-mass pruning, "
                   "3 fine-tune epochs; test accuracy:", "",
-                  "| sparsity (experts pruned) | test accuracy |", "| --- | --- |"]
-        lines += [f"| {row['sparsity']:.2f} | {row['mean']:.4f} ± {row['std']:.4f} |" for row in concepts]
+                  *markdown_table(["sparsity (experts pruned)", "test accuracy"],
+                                  [[f"{row['sparsity']:.2f}", f"{row['mean']:.4f} ± {row['std']:.4f}"]
+                                   for row in concepts])]
     lines += ["", run_footer(seconds, HERE)]
     return "\n".join(lines) + "\n"
 

@@ -42,7 +42,7 @@ import time
 import warnings
 from pathlib import Path
 
-from harness import environment, reset_peak, status_kib
+from harness import environment, markdown_table, reset_peak, status_kib
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
@@ -372,54 +372,53 @@ def leak_verdict(results: list[dict], max_growth: float) -> tuple[bool, str]:
 
 
 def soak_table(results: list[dict], max_growth: float) -> list[str]:
-    def row(name: str, cell) -> str:
-        return f"| {name} | " + " | ".join(cell(r) for r in results) + " |"
+    def row(name: str, cell) -> list[str]:
+        return [name, *(cell(r) for r in results)]
 
     trim = [r for r in results if r["rss_after_malloc_trim_mib"] is not None]
     ok, detail = leak_verdict(results, max_growth)
-    lines = ["| measure | " + " | ".join(VARIANTS[r["variant"]][0] for r in results) + " |",
-             "|---|" + "---:|" * len(results),
-             row("steps (RSS sampled every N)", lambda r: f"{r['steps']:,} ({r['sample_every']})"),
-             row("trainable parameters", lambda r: f"{r['trainable_params']:,}"),
-             row("median step time", lambda r: f"{r['median_step_ms']:.1f} ms"),
-             row("wall time", lambda r: f"{r['wall_s']:.0f} s"),
-             row("RSS at start (model built)", lambda r: f"{r['start_rss_mib']:.1f} MiB"),
-             row("RSS at end", lambda r: f"{r['end_rss_mib']:.1f} MiB"),
-             row("peak RSS (VmHWM after reset)", lambda r: f"{r['peak_rss_mib']:.1f} MiB"),
-             row("growth, first half (warm-up)", lambda r: f"{r['first_half_growth_mib_per_1000_steps']:+.2f} MiB/1k"),
-             row("**growth, second half (fit)**",
-                 lambda r: f"**{r['growth_mib_per_1000_steps']:+.2f} ± {r['growth_stderr_mib_per_1000_steps']:.2f} "
-                           f"MiB/1k** (R² {r['fit_r2']:.2f})"),
-             row("RSS rise over the second half", lambda r: f"{r['second_half_rise_mib']:+.1f} MiB")]
+    rows = [row("steps (RSS sampled every N)", lambda r: f"{r['steps']:,} ({r['sample_every']})"),
+            row("trainable parameters", lambda r: f"{r['trainable_params']:,}"),
+            row("median step time", lambda r: f"{r['median_step_ms']:.1f} ms"),
+            row("wall time", lambda r: f"{r['wall_s']:.0f} s"),
+            row("RSS at start (model built)", lambda r: f"{r['start_rss_mib']:.1f} MiB"),
+            row("RSS at end", lambda r: f"{r['end_rss_mib']:.1f} MiB"),
+            row("peak RSS (VmHWM after reset)", lambda r: f"{r['peak_rss_mib']:.1f} MiB"),
+            row("growth, first half (warm-up)", lambda r: f"{r['first_half_growth_mib_per_1000_steps']:+.2f} MiB/1k"),
+            row("**growth, second half (fit)**",
+                lambda r: f"**{r['growth_mib_per_1000_steps']:+.2f} ± {r['growth_stderr_mib_per_1000_steps']:.2f} "
+                          f"MiB/1k** (R² {r['fit_r2']:.2f})"),
+            row("RSS rise over the second half", lambda r: f"{r['second_half_rise_mib']:+.1f} MiB")]
     if trim:
-        lines.append(row("RSS after malloc_trim(0) at end", lambda r: "n/a" if r["rss_after_malloc_trim_mib"] is None
-                         else f"{r['rss_after_malloc_trim_mib']:.1f} MiB"))
-    lines += [row("Python objects (start / half / end)",
-                  lambda r: " / ".join(f"{v:,}" for _, v in sorted(r["python_objects"].items(),
-                                                                     key=lambda kv: int(kv[0])))),
-              row("loss, first / last 100 steps", lambda r: f"{r['loss_first_100']:.3f} / {r['loss_last_100']:.3f}"),
-              row("non-finite losses", lambda r: str(r["nonfinite_losses"])),
-              "", f"Leak verdict (second-half growth without oneDNN's shape cache not significantly above {max_growth} "
-              f"MiB per 1,000 steps): **{'PASS' if ok else 'FAIL'}** ({detail}). With default settings RSS keeps "
-              "climbing as long as new batch shapes arrive: oneDNN compiles and caches one primitive per new shape "
-              "(bounded by ONEDNN_PRIMITIVE_CACHE_CAPACITY, 1,024 by default); the cache-off run shows what is left."]
-    return lines
+        rows.append(row("RSS after malloc_trim(0) at end", lambda r: "n/a" if r["rss_after_malloc_trim_mib"] is None
+                        else f"{r['rss_after_malloc_trim_mib']:.1f} MiB"))
+    rows += [row("Python objects (start / half / end)",
+                 lambda r: " / ".join(f"{v:,}" for _, v in sorted(r["python_objects"].items(),
+                                                                    key=lambda kv: int(kv[0])))),
+             row("loss, first / last 100 steps", lambda r: f"{r['loss_first_100']:.3f} / {r['loss_last_100']:.3f}"),
+             row("non-finite losses", lambda r: str(r["nonfinite_losses"]))]
+    return [*markdown_table(["measure", *(VARIANTS[r["variant"]][0] for r in results)], rows,
+                            right=range(1, len(results) + 1), compact=True),
+            "", f"Leak verdict (second-half growth without oneDNN's shape cache not significantly above {max_growth} "
+                f"MiB per 1,000 steps): **{'PASS' if ok else 'FAIL'}** ({detail}). With default settings RSS keeps "
+                "climbing as long as new batch shapes arrive: oneDNN compiles and caches one primitive per new shape "
+                "(bounded by ONEDNN_PRIMITIVE_CACHE_CAPACITY, 1,024 by default); the cache-off run shows what is left."]
 
 
 def nonfinite_table(nonfinite: dict) -> list[str]:
     a, b = nonfinite["scattered"], nonfinite["in_a_row"]
-    return [
-        "| Trainer run (max_steps 20, max_nonfinite_in_a_row 3) | NaN pixel_values at steps | outcome | check |",
-        "|---|---|---|---|",
-        f"| scattered, at most 2 in a row | {a['injected_steps']} | metrics.json nonfinite_steps="
-        f"{a['metrics_nonfinite_steps']}, steps={a['metrics_steps']}; step_20 checkpoint nonfinite_steps="
-        f"{a['checkpoint_nonfinite_steps']}; {a['skipped_messages']} 'update skipped' messages; weights unchanged "
-        f"exactly at steps {a['steps_without_weight_change']}; weights and buffers finite: "
-        f"{a['weights_finite'] and a['buffers_finite']} | {'PASS' if a['ok'] else 'FAIL'} |",
-        f"| 3 in a row | {b['injected_steps']} | stopped at step {b['stopped_at_step']} with "
-        f"`{(b['error'] or 'no error').split(':')[0]}` (\"{(b['error'] or '').split(': ', 1)[-1][:60]}...\"); "
-        f"metrics.json written: {b['metrics_json_written']}; checkpoints left {b['checkpoints_left']} | "
-        f"{'PASS' if b['ok'] else 'FAIL'} |"]
+    return markdown_table(
+        ["Trainer run (max_steps 20, max_nonfinite_in_a_row 3)", "NaN pixel_values at steps", "outcome", "check"],
+        [["scattered, at most 2 in a row", str(a["injected_steps"]),
+          f"metrics.json nonfinite_steps={a['metrics_nonfinite_steps']}, steps={a['metrics_steps']}; step_20 "
+          f"checkpoint nonfinite_steps={a['checkpoint_nonfinite_steps']}; {a['skipped_messages']} 'update skipped' "
+          f"messages; weights unchanged exactly at steps {a['steps_without_weight_change']}; weights and buffers "
+          f"finite: {a['weights_finite'] and a['buffers_finite']}", "PASS" if a["ok"] else "FAIL"],
+         ["3 in a row", str(b["injected_steps"]),
+          f"stopped at step {b['stopped_at_step']} with `{(b['error'] or 'no error').split(':')[0]}` "
+          f"(\"{(b['error'] or '').split(': ', 1)[-1][:60]}...\"); metrics.json written: "
+          f"{b['metrics_json_written']}; checkpoints left {b['checkpoints_left']}", "PASS" if b["ok"] else "FAIL"]],
+        compact=True)
 
 
 def plot(results: list[dict], path: Path) -> None:

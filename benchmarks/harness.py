@@ -1,7 +1,10 @@
-"""What the benchmarks share: the machine's description and a process's memory marks (Linux /proc).
+"""What the benchmarks share: the machine's description, a process's memory marks (Linux /proc), Markdown tables,
+timing and the ratios of timings.
 
 Every report describes its run with :func:`environment` (one line: CPU, threads, load, versions, commit), or with
-:func:`run_footer`, which adds the run's duration in front of it.
+:func:`run_footer`, which adds the run's duration in front of it. Its tables are :func:`markdown_table`'s; times come
+from :func:`time_calls` (one callable, repeated) or :func:`time_rounds` (several, interleaved), and are compared with
+:func:`median_ratio` and :func:`paired_ratio`.
 """
 
 from __future__ import annotations
@@ -9,12 +12,17 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import platform
+import statistics
 import subprocess
 import sys
+import time
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 HERE = Path(__file__).resolve().parent
 PACKAGES = ("torch", "transformers", "peft", "mmexperts")  # the versions every environment line names, after Python
+Name = TypeVar("Name", bound=Hashable)
 
 
 def cpu_name() -> str:
@@ -112,3 +120,66 @@ def run_footer(seconds: float, folder: Path = HERE, threads: int | None = None,
                extra: dict[str, str] | None = None) -> str:
     """One sentence: how long a run took, then its :func:`environment`."""
     return f"{seconds:.0f} s on {environment(threads, extra, folder)}."
+
+
+def markdown_table(columns: Sequence[str], rows: Iterable[Sequence[str]], right: Iterable[int] = (),
+                   compact: bool = False) -> list[str]:
+    """A Markdown table's lines: the header, the separator, then one line per row of already formatted cells.
+
+    ``right`` holds the indices of the right-aligned columns (``---:``); ``compact`` writes the separator without
+    spaces (``|---|---:|`` instead of ``| --- | ---: |``). An empty cell is written as one space (``| |``).
+    """
+    aligned = set(right)
+    marks = ["---:" if index in aligned else "---" for index in range(len(columns))]
+    lines = [_table_row(columns), "|" + "|".join(marks) + "|" if compact else "| " + " | ".join(marks) + " |"]
+    for row in rows:
+        if len(row) != len(columns):
+            raise ValueError(f"a row of {len(row)} cells in a table of {len(columns)} columns: {row!r}")
+        lines.append(_table_row(row))
+    return lines
+
+
+def _table_row(cells: Sequence[str]) -> str:
+    return "|" + "|".join(f" {cell} " if cell != "" else " " for cell in cells) + "|"
+
+
+def time_calls(call: Callable[[], object], repeats: int, warmup: int = 0) -> list[float]:
+    """Seconds (``time.perf_counter``) of each of ``repeats`` calls of ``call``, after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def time_rounds(calls: Mapping[Name, Callable[[], object]], rounds: int, warmup: int = 0,
+                setup: Callable[[Name], object] | None = None) -> dict[Name, list[float]]:
+    """Seconds of each of ``calls`` per round, ``rounds`` rounds after ``warmup`` more whose times are dropped.
+
+    Every round calls each once; round i of them all calls them in their order rotated by ``i - warmup`` (the first
+    measured round keeps it), so that machine noise hits them alike. ``setup(name)`` runs untimed before each call.
+    """
+    names = list(calls)
+    times: dict[Name, list[float]] = {name: [] for name in names}
+    for index in range(warmup + rounds):
+        shift = (index - warmup) % len(names)
+        for name in names[shift:] + names[:shift]:
+            if setup is not None:
+                setup(name)
+            seconds = time_calls(calls[name], 1)[0]
+            if index >= warmup:
+                times[name].append(seconds)
+    return times
+
+
+def median_ratio(numerator: Iterable[float], denominator: Iterable[float]) -> float:
+    """The ratio of the medians of two samples."""
+    return statistics.median(numerator) / statistics.median(denominator)
+
+
+def paired_ratio(numerator: Iterable[float], denominator: Iterable[float]) -> float:
+    """The median of the per-round ratios of two paired samples (round i of one over round i of the other)."""
+    return statistics.median(a / b for a, b in zip(numerator, denominator, strict=True))
