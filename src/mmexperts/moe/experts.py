@@ -80,14 +80,30 @@ class ExpertMLPs(nn.Module):
         out = x.new_zeros(x.shape[0], self.w2.shape[-1])
         if not token.numel():
             return out
+        active = [index for index, count in enumerate(counts) if count]
+        chunks = x.index_select(0, token).split(counts)  # one gather; each expert gets a contiguous slice
         # Unbound views: the backward pass writes each stacked weight's gradient once, not once per expert.
-        self.__dict__["_views"] = (self.w1.unbind(0), self.b1.unbind(0), self.w2.unbind(0), self.b2.unbind(0))
-        try:
-            chunks = x.index_select(0, token).split(counts)  # one gather; each expert gets a contiguous slice
-            outputs = [self.expert(index, chunk) for index, chunk in enumerate(chunks) if chunk.shape[0]]
-        finally:
-            self.__dict__["_views"] = None
-        return out.index_add(0, token, torch.cat(outputs) * weights[token, expert, None])  # one scatter
+        views = (self.w1.unbind(0), self.b1.unbind(0), self.w2.unbind(0), self.b2.unbind(0))
+        if self.dropout.training and self.dropout.p > 0 and x.device.type == "cpu":
+            outputs = self._stacked_hidden(views, active, [chunks[index] for index in active])
+        else:
+            self.__dict__["_views"] = views
+            try:
+                outputs = torch.cat([self.expert(index, chunks[index]) for index in active])
+            finally:
+                self.__dict__["_views"] = None
+        return out.index_add(0, token, outputs * weights[token, expert, None])  # one scatter
+
+    def _stacked_hidden(self, views: tuple, active: list[int], chunks: list[torch.Tensor]) -> torch.Tensor:
+        """``expert(index, chunk)`` of each active expert on its tokens, concatenated, with the hidden activations of
+        all experts stacked in that order for ONE activation and ONE dropout call instead of one each. On CPU dropout
+        draws its mask element by element from one generator stream, so the stacked call draws exactly the masks the
+        per-expert calls would, in the same order (other devices draw each call's mask from its own offset: they keep
+        the per-expert calls)."""
+        w1, b1, w2, b2 = views
+        hidden = torch.cat([torch.addmm(b1[index], chunk, w1[index]) for index, chunk in zip(active, chunks)])
+        hidden = self.dropout(getattr(F, self.activation)(hidden)).split([len(chunk) for chunk in chunks])
+        return torch.cat([torch.addmm(b2[index], part, w2[index]) for index, part in zip(active, hidden)])
 
 
 @dataclass

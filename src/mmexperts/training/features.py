@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from ..altmoe.features import CachedFeatures, FeatureConnector, cache_features, write_features
+from ..altmoe.features import IMAGE_KEYS, CachedFeatures, FeatureConnector, cache_features, write_features
 from ..atomic import exclusive_lock
 from ..checksums import tensor_sha256
 from ..errors import CorruptFileError
@@ -181,6 +181,33 @@ def cached_split(model: torch.nn.Module, split, collator, name: str, every_capti
     return features
 
 
+class FeatureBatches(CachedFeatures):
+    """Cached features (``CachedFeatures``, sharing its tensors) that a ``DataLoader`` reads a batch at a time: its
+    ``__getitems__`` gathers the batch's rows of each stored tensor with one index each, instead of one dict of
+    views per example stacked by ``CachedFeatures.collate``; ``collate`` then has nothing left to do. The batches
+    are those of ``CachedFeatures.collate``: the same values, keys and layout (text trimmed after the batch's
+    longest real caption); single examples (``dataset[i]``) are unchanged."""
+
+    def __init__(self, features: CachedFeatures):  # the tensors are read and checked already: no super().__init__
+        self.tensors, self.metadata = features.tensors, features.metadata
+        self.text_lengths = self.tensors["text_mask"].sum(1)  # real tokens of each caption
+
+    def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        index = torch.as_tensor(indices, dtype=torch.long)
+        rows = self.tensors.get("text_rows")
+        images = index if rows is None else rows.index_select(0, index)
+        batch = {key: self.tensors[key].index_select(0, images) for key in IMAGE_KEYS if key in self.tensors}
+        length = max(int(self.text_lengths.index_select(0, index).max()), 1)
+        for key in ("text_tokens", "text_mask"):
+            batch[key] = self.tensors[key].index_select(0, index)[:, :length]
+        return batch
+
+    @staticmethod
+    def collate(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The batch ``__getitems__`` gathered, as it is."""
+        return batch
+
+
 def cached_feature_loaders(trainer, train_split, eval_split) -> tuple[torch.nn.Module, DataLoader, DataLoader]:
     """For the engine: the module to train on cached features (``FeatureConnector`` over the PeftModel) and the
     training (every caption, shuffled as the tower loader is) and evaluation (caption 0 of each image) loaders."""
@@ -189,9 +216,10 @@ def cached_feature_loaders(trainer, train_split, eval_split) -> tuple[torch.nn.M
         caches = [cached_split(trainer.model, split, trainer.collator, name, every, config.feature_cache_dir,
                                config.eval_batch_size, progress=accelerator.is_main_process, log=accelerator.print)
                   for split, name, every in ((train_split, "train", True), (eval_split, "eval", False))]
-    train_loader = DataLoader(caches[0], batch_size=config.batch_size, shuffle=True, drop_last=True,
-                              collate_fn=CachedFeatures.collate, num_workers=config.num_workers,
+    train, evaluation = (FeatureBatches(cache) for cache in caches)
+    train_loader = DataLoader(train, batch_size=config.batch_size, shuffle=True, drop_last=True,
+                              collate_fn=FeatureBatches.collate, num_workers=config.num_workers,
                               generator=torch.Generator().manual_seed(config.seed))
-    eval_loader = DataLoader(caches[1], batch_size=config.eval_batch_size, collate_fn=CachedFeatures.collate,
+    eval_loader = DataLoader(evaluation, batch_size=config.eval_batch_size, collate_fn=FeatureBatches.collate,
                              num_workers=config.num_workers)
     return FeatureConnector(trainer.model), train_loader, eval_loader
