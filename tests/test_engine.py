@@ -12,6 +12,7 @@ from torch import nn
 from mmexperts.errors import MMExpertsError, NonFiniteLossError
 from mmexperts.training import alternating, engine
 from mmexperts.training.engine import Engine, adamw_with_lr_scheduler, lr_factor, without
+from mmexperts.training.evaluation import evaluate_labels
 from mmexperts.training.methods import labelled_inputs, method_hooks, retrieval_inputs
 
 from conftest import make_altmoe as make
@@ -133,7 +134,7 @@ def test_hooks_and_the_direction_schedule_are_resolved_once_per_run(monkeypatch)
 
 def test_plain_models_get_the_default_hooks_and_inputs_can_be_overridden():
     model = WithLoss(Regression())
-    assert method_hooks(model).model_inputs is labelled_inputs and method_hooks(model).evaluation == "labels"
+    assert method_hooks(model).model_inputs is labelled_inputs and method_hooks(model).evaluate is evaluate_labels
     trainer = Engine(model, torch.optim.SGD(model.parameters(), lr=0.1), model_inputs=without("extra"))
     assert trainer.run([{**batches(1)[0], "extra": 1}]).finite
     silent = Engine(WithLoss(lambda **batch: None), torch.optim.SGD(model.parameters(), lr=0.1))

@@ -26,8 +26,6 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoImageProcessor, AutoTokenizer, VisionTextDualEncoderModel, get_scheduler
 
-from ..altmoe.config import DIRECTIONS
-from ..altmoe.layer import BRANCHES
 from ..atomic import atomic_directory, commit_directory, recover_directory, staging_path, write_file_atomic
 from ..data.collate import FEATURE_COLUMNS, FeatureCollator, MultimodalCollator
 from ..data.loading import load_task
@@ -35,8 +33,6 @@ from ..errors import CheckpointError, ConfigError
 from ..hub import push_adapter_to_hub, write_model_card
 from ..metrics import compute_metrics
 from ..modeling import FeatureEncoderConfig, FeatureEncoderForClassification, VisionTextModelForClassification
-from ..plots import plot_class_usage, plot_direction_usage, plot_recall, plot_routing
-from ..retrieval import VectorStore, retrieval_recall
 from ..s3.protocol import probe_features
 from .alternating import DirectionSchedule
 from .checkpoint import (
@@ -51,6 +47,7 @@ from .checkpoint import (
 )
 from .config import AUTO_TOWERS, REAL_TOWERS, SYNTHETIC_BACKBONES, TrainConfig
 from .engine import Engine, StepOutput
+from .evaluation import Evaluation, PlotTarget
 from .features import CaptionPairs, cached_feature_loaders
 from .methods import (
     METHODS,
@@ -308,7 +305,6 @@ class Trainer:
         # resolved once per run: the direction schedule (None unless the adapter has directions) and the method's hooks
         self.direction_schedule = DirectionSchedule.for_model(self.model)
         self.hooks = method_hooks(accelerator.unwrap_model(self.model))
-        self.evaluator = {"retrieval": self.evaluate_retrieval, "labels": self.evaluate_labels}[self.hooks.evaluation]
         accelerator.register_save_state_pre_hook(self._keep_adapter_weights_only)
         if config.report_to != "none":
             accelerator.init_trackers("mmexperts", {k: v for k, v in vars(config).items()
@@ -433,56 +429,21 @@ class Trainer:
         ask for the loss)."""
         return self.hooks.model_inputs(batch, return_loss)
 
-    @torch.no_grad()
-    def evaluate_retrieval(self) -> tuple[dict, np.ndarray | None, None]:
-        """Recall@1/5/10 in both directions and RSUM on the evaluation split (one caption per image): each direction's
-        queries search a vector store of the other modality's target embeddings. Also the connector's routing weights
-        (sites, examples, experts), one site per direction and branch."""
-        accelerator = self.accelerator
+    def evaluate(self) -> Evaluation:
+        """The method's evaluation (``MethodHooks.evaluate``) of the model on the evaluation split, in eval mode."""
         self.model.eval()
-        parts = []
-        for batch in self.eval_loader:
-            out = self.model(**self.model_inputs(batch, return_loss=False))
-            parts.append([t.float().cpu() for t in accelerator.gather_for_metrics(
-                (out.vision_to_text.embeds, out.text_to_vision.embeds, out.vision_target_embeds, out.text_target_embeds,
-                 batch["image_ids"], out.routing_weights.transpose(0, 1)))])
-        self.train_mode()
-        image_queries, text_queries, vision_targets, text_targets, ids, routing = (torch.cat(c) for c in zip(*parts))
-        ids = ids.long()
-        metrics = retrieval_recall(VectorStore(vision_targets, ids), VectorStore(text_targets, ids),
-                                   image_queries=image_queries, text_queries=text_queries)
-        return metrics, routing.transpose(0, 1).numpy(), None
-
-    def evaluate(self) -> tuple[dict, np.ndarray | None, np.ndarray | None]:
-        """Metrics on the evaluation split, plus the routing weights (sites, examples, experts) and the labels (None
-        for retrieval), by the method's evaluation."""
-        return self.evaluator()
-
-    @torch.no_grad()
-    def evaluate_labels(self) -> tuple[dict, np.ndarray | None, np.ndarray]:
-        """Metrics on the labelled evaluation split, plus the routing weights (blocks, examples, experts) and labels."""
-        accelerator = self.accelerator
-        self.model.eval()
-        logits, labels, routing = [], [], []
-        for batch in self.eval_loader:
-            out = self.model(**batch)
-            got_logits, got_labels = accelerator.gather_for_metrics((out.logits.float(), batch["labels"]))
-            logits.append(got_logits.cpu())
-            labels.append(got_labels.cpu())
-            if isinstance(out.get("routing_weights"), torch.Tensor):
-                routing.append(accelerator.gather_for_metrics(out.routing_weights.transpose(0, 1).float()).cpu())
-        self.train_mode()
-        logits, labels = torch.cat(logits).numpy(), torch.cat(labels).numpy()
-        metrics = compute_metrics(logits, labels, self.multi_label)
-        routing_array = torch.cat(routing).transpose(0, 1).numpy() if routing else None
-        return metrics, routing_array, labels
+        try:
+            return self.hooks.evaluate(self.model, self.eval_loader, self.accelerator, self.model_inputs,
+                                       self.multi_label)
+        finally:
+            self.train_mode()
 
     @property
     def main_metric(self) -> str:
-        return "rsum" if self.retrieval else "f1_micro" if self.multi_label else "accuracy"
+        return self.hooks.main_metric(self.multi_label)
 
     def evaluate_and_keep_best(self) -> dict:
-        metrics, _, _ = self.evaluate()
+        metrics = self.evaluate().metrics
         self.accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=self.state.step)
         self.accelerator.print(f"step {self.state.step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         value = metrics[self.main_metric]
@@ -527,38 +488,11 @@ class Trainer:
         """The torch seed the frozen random feature towers were drawn from (None for pretrained towers)."""
         return self.config.seed if self.feature_task else None
 
-    def write_plots(self, model, metrics: dict, routing: np.ndarray | None, labels: np.ndarray | None) -> dict:
-        """The final evaluation's plots in adapter/, as {file name: path}: MoPE routing per block and class, S3 concept
-        (expert) usage per class, Alt-MoE Recall@K and expert usage per direction."""
-        config, folder = self.config, self.output_dir / "adapter"
-        split = "validation" if "validation" in self.task.dataset else "test"
-        plots = {}
-        if self.retrieval:
-            plots["recall.png"] = plot_recall(metrics, folder / "recall.png",
-                                              title=f"{config.method} on {config.dataset}, {split} split")
-            if routing is not None:
-                sites = [f"{d.replace('_to_', '→')} {b}" for d in DIRECTIONS for b in BRANCHES]
-                sites = sites if len(sites) == len(routing) else [f"site {i}" for i in range(len(routing))]
-                plots["expert_usage.png"] = plot_direction_usage(
-                    routing, sites, folder / "expert_usage.png",
-                    title=f"{config.method} expert usage per direction, {split} split")
-        elif routing is not None and config.method == "s3":
-            paper = next(iter(model.peft_config.values())).design == "paper"  # mean over both towers' MoE layers
-            what = "MoE expert routing (both towers)" if paper else "concept (expert) usage"
-            plots["routing.png"] = plot_class_usage(
-                routing.mean(0), labels, self.task.label_names, folder / "routing.png",
-                title=f"S3 {what} per class on {config.dataset}, {split} split")
-        elif routing is not None:
-            tower = getattr(next(iter(model.peft_config.values())), "prompted_tower", None)
-            plots["routing.png"] = plot_routing(routing, labels, self.task.label_names, folder / "routing.png",
-                                                title=f"{config.method} routing on {config.dataset}", tower=tower,
-                                                split=split)
-        return plots
-
     def finish(self) -> dict:
         """Final evaluation, adapter, metrics, routing plot, model card; optionally push to the Hub."""
         config, accelerator = self.config, self.accelerator
-        metrics, routing, labels = self.evaluate()
+        evaluation = self.evaluate()
+        metrics = evaluation.metrics
         if self.state.best_metric is None or metrics[self.main_metric] >= self.state.best_metric:
             self.state.best_metric, self.state.best_step = metrics[self.main_metric], self.state.step
             self.save_adapter(self.output_dir / "best")
@@ -572,7 +506,9 @@ class Trainer:
         results = {k: round(float(v), 4) if isinstance(v, (float, np.floating)) else v for k, v in results.items()}
         model = accelerator.unwrap_model(self.model)
         if accelerator.is_main_process:
-            plots = self.write_plots(model, metrics, routing, labels)
+            split = "validation" if "validation" in self.task.dataset else "test"
+            plots = self.hooks.plots(model, evaluation, PlotTarget(self.output_dir / "adapter", config.method,
+                                                                   config.dataset, split, self.task.label_names))
             card_metrics = {k: f"{v:.4f}" if isinstance(v, float) else v for k, v in results.items()}
             # best/ gets the same card as adapter/ (not PEFT's empty one), with the figures of the step it was kept at
             best_metrics = {**{k: v for k, v in card_metrics.items()

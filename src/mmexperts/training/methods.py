@@ -11,6 +11,16 @@ from torch import nn
 from ..altmoe import AltMoEConfig
 from ..mope import MoPEConfig
 from ..s3 import S3Config
+from .evaluation import (
+    Evaluation,
+    evaluate_labels,
+    evaluate_retrieval,
+    expert_usage_plots,
+    label_metric,
+    retrieval_metric,
+    retrieval_plots,
+    routing_plots,
+)
 
 
 def labelled_inputs(batch: dict, return_loss: bool = True) -> dict:
@@ -28,17 +38,30 @@ class MethodHooks:
     """What a training run does differently for a method, resolved once per run (``method_hooks``).
 
     ``model_inputs(batch, return_loss=True)``: the model's keyword arguments for a collated batch.
-    ``evaluation``: ``"labels"`` (logits against labels) or ``"retrieval"`` (Recall@K both ways).
+    ``evaluate(model, loader, accelerator, model_inputs, multi_label)``: an ``Evaluation`` of the model in eval mode
+    (``evaluate_labels``: logits against labels; ``evaluate_retrieval``: Recall@K both ways).
+    ``main_metric(multi_label)``: the metric the best adapter is kept by.
+    ``plots(model, evaluation, target)``: the final evaluation's figures, ``{file name: path}``.
     """
 
     model_inputs: Callable[..., dict] = labelled_inputs
-    evaluation: str = "labels"
+    evaluate: Callable[..., Evaluation] = evaluate_labels
+    main_metric: Callable[[bool], str] = label_metric
+    plots: Callable[..., dict] = routing_plots
+
+    @property
+    def retrieval(self) -> bool:
+        """Whether the method trains on retrieval pairs (no labels)."""
+        return self.evaluate is evaluate_retrieval
 
 
 METHODS: dict[str, type[PeftConfig]] = {"mope": MoPEConfig, "altmoe": AltMoEConfig, "s3": S3Config}
-METHOD_HOOKS: dict[str, MethodHooks] = {"mope": MethodHooks(), "s3": MethodHooks(),
-                                        "altmoe": MethodHooks(retrieval_inputs, "retrieval")}
-RETRIEVAL_METHODS = {name for name, hooks in METHOD_HOOKS.items() if hooks.evaluation == "retrieval"}
+METHOD_HOOKS: dict[str, MethodHooks] = {
+    "mope": MethodHooks(),
+    "s3": MethodHooks(plots=expert_usage_plots),
+    "altmoe": MethodHooks(retrieval_inputs, evaluate_retrieval, retrieval_metric, retrieval_plots),
+}
+RETRIEVAL_METHODS = {name for name, hooks in METHOD_HOOKS.items() if hooks.retrieval}
 CACHED_FEATURE_METHODS = {"altmoe"}  # methods whose adapter reads only the frozen towers' outputs
 UNUSED_PARAMETER_METHODS = {"altmoe"}  # a step may leave parameters unused (one direction, unrouted experts)
 
