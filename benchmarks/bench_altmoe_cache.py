@@ -30,7 +30,7 @@ from mmexperts.offline.backbones import pretrained_backbones
 from mmexperts.offline.real_towers import real_towers
 from mmexperts.training import TrainConfig, Trainer
 
-from harness import run_footer
+from harness import markdown_table, run_footer
 
 HERE = Path(__file__).resolve().parent
 CONNECTOR = {"num_experts": 8, "top_k": 2, "hidden_size": 128, "dropout": 0.1}
@@ -130,24 +130,25 @@ def render(results: dict, args, elapsed: float) -> str:
              "every caption of every image (5 per image on Fashion, 2 on the synthetic data), seed "
              f"{args.seed}; evaluation on held-out images (caption 0 each). Cache build = setup time with the cache "
              "minus setup time without it (the towers encode each training image and caption once, and each "
-             "evaluation pair once).", "",
-             "| setting | training pairs | steps / epoch | towers: s / epoch | cached: s / epoch | speed-up | "
-             "cache build (once) s | R@1 I->T towers / cached | R@1 T->I towers / cached |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "evaluation pair once).", ""]
+    speed = []
     for name in dict.fromkeys(name for name, _ in results):
         cached, towers = results[name, True], results[name, False]
-        lines.append(f"| {name} | {cached['pairs']} | {cached['steps_per_epoch']} | {towers['epoch_s']:.1f} | "
-                     f"{cached['epoch_s']:.2f} | {towers['epoch_s'] / cached['epoch_s']:.0f}x | "
-                     f"{cached['setup_s'] - towers['setup_s']:.0f} | {towers['i2t_r1']:.1f} / {cached['i2t_r1']:.1f} "
-                     f"| {towers['t2i_r1']:.1f} / {cached['t2i_r1']:.1f} |")
+        speed.append([name, f"{cached['pairs']}", f"{cached['steps_per_epoch']}", f"{towers['epoch_s']:.1f}",
+                      f"{cached['epoch_s']:.2f}", f"{towers['epoch_s'] / cached['epoch_s']:.0f}x",
+                      f"{cached['setup_s'] - towers['setup_s']:.0f}",
+                      f"{towers['i2t_r1']:.1f} / {cached['i2t_r1']:.1f}",
+                      f"{towers['t2i_r1']:.1f} / {cached['t2i_r1']:.1f}"])
+    lines += markdown_table(["setting", "training pairs", "steps / epoch", "towers: s / epoch", "cached: s / epoch",
+                             "speed-up", "cache build (once) s", "R@1 I->T towers / cached",
+                             "R@1 T->I towers / cached"], speed, right=range(1, 9))
     lines += ["", "Where a step goes (ms, means per step; the median step is what the table above multiplies): the "
               "model's forward (the towers when they run, then the connector), the backward, the optimiser update, "
-              "and the rest (fetching and collating the batch, the engine's bookkeeping and callbacks).", "",
-              "| setting | path | median step | forward | backward | update | rest |",
-              "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
-    for (name, cached), out in results.items():
-        lines.append(f"| {name} | {'cached' if cached else 'towers'} | {out['step_s'] * 1e3:.1f} | "
-                     + " | ".join(f"{out[f'{phase}_s'] * 1e3:.1f}" for phase in (*PHASES, "rest")) + " |")
+              "and the rest (fetching and collating the batch, the engine's bookkeeping and callbacks).", ""]
+    lines += markdown_table(["setting", "path", "median step", "forward", "backward", "update", "rest"],
+                            ([name, "cached" if cached else "towers", f"{out['step_s'] * 1e3:.1f}",
+                              *(f"{out[f'{phase}_s'] * 1e3:.1f}" for phase in (*PHASES, "rest"))]
+                             for (name, cached), out in results.items()), right=range(2, 7))
     lines += ["", "Caching removes the towers and the collation of images and captions from each step; the "
               "connector's own forward, backward and update remain, and bound the speed-up at (towers step) / "
               "(connector's share of a cached step):", ""]
