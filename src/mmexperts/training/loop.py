@@ -8,11 +8,9 @@ import logging
 import math
 import os
 import shutil
-import warnings
 from pathlib import Path
 
 import numpy as np
-import peft
 import torch
 from accelerate import Accelerator
 from accelerate.utils import (
@@ -22,19 +20,17 @@ from accelerate.utils import (
     broadcast_object_list,
     set_seed,
 )
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import AutoImageProcessor, AutoTokenizer, VisionTextDualEncoderModel, get_scheduler
+from transformers import get_scheduler
 
-from ..atomic import atomic_directory, commit_directory, recover_directory, staging_path, write_file_atomic
-from ..data.collate import FEATURE_COLUMNS, FeatureCollator, MultimodalCollator
+from ..atomic import atomic_directory, commit_directory, staging_path, write_file_atomic
 from ..data.loading import load_task
 from ..errors import CheckpointError, ConfigError
 from ..hub import push_adapter_to_hub, write_model_card
 from ..metrics import compute_metrics
-from ..modeling import FeatureEncoderConfig, FeatureEncoderForClassification, VisionTextModelForClassification
 from ..s3.protocol import probe_features
 from .alternating import DirectionSchedule
+from .assembly import build_base, build_loaders, prepare_output_dir, resolve_towers, with_adapter, write_dropped_rows
 from .checkpoint import (
     STATE_FILE,
     TrainingState,
@@ -45,15 +41,14 @@ from .checkpoint import (
     verify_checkpoint,
     write_manifest,
 )
-from .config import AUTO_TOWERS, REAL_TOWERS, SYNTHETIC_BACKBONES, TrainConfig
+from .config import TrainConfig
 from .engine import Engine, StepOutput
 from .evaluation import Evaluation, PlotTarget
-from .features import CaptionPairs, cached_feature_loaders
+from .features import cached_feature_loaders
 from .methods import (
     METHODS,
     RETRIEVAL_METHODS,
     UNUSED_PARAMETER_METHODS,
-    default_classifier_input,
     method_config,
     method_hooks,
 )
@@ -105,105 +100,13 @@ class Trainer:
         self.state = TrainingState()
 
     # ---- setup -------------------------------------------------------------------------------------------------
-    def _backbones(self) -> tuple[str, str]:
-        """The two towers' folders or Hub ids: 'auto' is the synthetic backbones for synthetic data and the real
-        pretrained towers otherwise; both kinds are built or fetched once and cached."""
-        config = self.config
-        default = SYNTHETIC_BACKBONES if config.dataset.startswith("synthetic:") else REAL_TOWERS
-        chosen = {m: default if name == AUTO_TOWERS else name
-                  for m, name in (("vision", config.vision_model), ("text", config.text_model))}
-        resolved = dict(chosen)
-        if SYNTHETIC_BACKBONES in chosen.values():
-            from ..offline.backbones import pretrained_backbones
-
-            with self.accelerator.main_process_first():
-                cached = pretrained_backbones(cache_dir=config.backbone_cache, seed=config.seed,
-                                              image_size=config.image_size,
-                                              show_progress=self.accelerator.is_main_process)
-            resolved.update({m: str(getattr(cached, m)) for m, name in chosen.items() if name == SYNTHETIC_BACKBONES})
-        if REAL_TOWERS in chosen.values():
-            from ..offline.real_towers import real_towers
-
-            with self.accelerator.main_process_first():
-                fetched = real_towers()
-            resolved.update({m: fetched[m] for m, name in chosen.items() if name == REAL_TOWERS})
-        described = {SYNTHETIC_BACKBONES: "tiny, pretrained here on the synthetic data",
-                     REAL_TOWERS: "real pretrained tower, CLIP ViT-B/16 image tower / all-MiniLM-L6-v2"}
-        layers = {"vision": config.vision_layers, "text": config.text_layers}
-        for modality in ("vision", "text"):
-            notes = [described[chosen[modality]]] if chosen[modality] in described else []
-            notes += [f"first {layers[modality]} blocks"] if layers[modality] else []
-            self.accelerator.print(f"{modality.capitalize()} tower: {resolved[modality]}"
-                                   + (f" ({'; '.join(notes)})" if notes else ""))
-        return resolved["vision"], resolved["text"]
-
-    def _feature_encoder(self) -> FeatureEncoderForClassification:
-        """The frozen feature towers of a feature task, random, sized from the data and drawn from the run's seed (the
-        model card's snippet draws them again from that seed and their config)."""
-        config, split = self.config, self.task.dataset["train"]
-        (steps_a, dim_a), (steps_b, dim_b) = (split.features[column].shape for column in ("modality_a", "modality_b"))
-        torch.manual_seed(config.seed)
-        base = FeatureEncoderForClassification(FeatureEncoderConfig(
-            feature_size_a=dim_a, feature_size_b=dim_b, hidden_size=config.feature_hidden_size,
-            num_hidden_layers=config.feature_layers, id2label=dict(enumerate(self.task.label_names)),
-            problem_type=self.task.task_type))
-        self.accelerator.print(f"Feature towers: frozen, random (torch seed {config.seed}), sized from the data: "
-                               f"modality_a {steps_a}x{dim_a}, modality_b {steps_b}x{dim_b}, each "
-                               f"{config.feature_layers} block(s) of width {config.feature_hidden_size}")
-        return base
-
-    def _tower_kwargs(self) -> dict:
-        """``from_vision_text_pretrained`` keyword arguments that truncate the towers."""
-        config = self.config
-        return {f"{modality}_num_hidden_layers": layers for modality, layers in
-                (("vision", config.vision_layers), ("text", config.text_layers)) if layers is not None}
-
-    def _image_processor(self, vision_path: str):
-        """The vision tower's image processor, resizing to ``--vision_image_size`` when set."""
-        size = self.config.vision_image_size
-        processor = AutoImageProcessor.from_pretrained(vision_path)
-        if size is None:
-            return processor
-        def resized(sizes) -> dict:  # {"height", "width"} or {"shortest_edge"}, as the processor has them
-            return {key: size for key, value in dict(sizes).items() if value is not None}
-
-        updates = {"size": resized(processor.size)}
-        if getattr(processor, "crop_size", None):
-            updates["crop_size"] = resized(processor.crop_size)
-        return AutoImageProcessor.from_pretrained(vision_path, **updates)
-
     def setup(self) -> None:
-        """Load data, backbones and adapter; build loaders, optimizer and scheduler; resume if asked."""
+        """Load data, towers and adapter; build loaders, optimizer and scheduler; resume if asked."""
         config, accelerator = self.config, self.accelerator
-        out = self.output_dir
-        finished = [name for name in ("metrics.json", "adapter") if (out / name).exists()]
-        if finished and not (config.overwrite_output_dir or config.resume_from_checkpoint):
-            raise ConfigError("output_dir", f"--output_dir {out} holds a finished run ({' and '.join(finished)}); "
-                                            "pass --overwrite_output_dir to replace it, --resume_from_checkpoint "
-                                            "latest to continue it, or choose another --output_dir.")
-        if accelerator.is_main_process:  # finish or undo writes a killed run left half done (logged)
-            for folder in (out, out / "checkpoints"):
-                recover_directory(folder)
-            if config.overwrite_output_dir and not config.resume_from_checkpoint:
-                # one run per folder: a stale checkpoint of the old run must never be taken for 'latest' of this one
-                removed = [name for name in ("adapter", "best", "checkpoints", "metrics.json", "dropped_rows.json")
-                           if (out / name).exists()]
-                for name in removed:
-                    shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
-                if removed:
-                    accelerator.print(f"--overwrite_output_dir: removed the previous run's {', '.join(removed)} "
-                                      f"from {out}.")
-            where = out.resolve()
-            accelerator.print(
-                f"Output folder: {where}\n"
-                f"  final adapter + model card   {where / 'adapter'}\n"
-                f"  best adapter (by evaluation) {where / 'best'}\n"
-                f"  checkpoints                  {where / 'checkpoints'} (every {config.save_steps} steps, newest "
-                f"{config.save_total_limit} kept; --resume_from_checkpoint latest continues from them)\n"
-                f"  metrics                      {where / 'metrics.json'}")
+        prepare_output_dir(config, accelerator)
         self.writer_pid = broadcast_object_list([os.getpid()])[0]  # names the checkpoint staging folders
         self.feature_task = config.feature_task  # frozen random feature towers instead of image and text towers
-        vision_path, text_path = (None, None) if self.feature_task else self._backbones()
+        towers = None if self.feature_task else resolve_towers(config, accelerator)
         with accelerator.main_process_first():
             self.task = load_task(config.dataset, data_dir=config.data_dir, train_size=config.train_size,
                                   eval_size=config.eval_size, seed=config.seed, image_size=config.image_size,
@@ -219,79 +122,19 @@ class Trainer:
                                         f"synthetic:retrieval); --dataset {config.dataset} is a "
                                         f"{self.task.task_type} task, which the methods "
                                         f"{sorted(set(METHODS) - RETRIEVAL_METHODS)} train.")
-        report = self.task.report
-        if accelerator.is_main_process and report.num_dropped:
-            dropped_file = out / "dropped_rows.json"
-            out.mkdir(parents=True, exist_ok=True)
-            write_file_atomic(dropped_file, json.dumps({
-                "dataset": config.dataset, "data_dir": config.data_dir, "dropped": report.num_dropped,
-                "by_reason": {reason: n for reason, n in report.total.items() if n},
-                "by_split": {split: {reason: n for reason, n in counts.items() if n}
-                             for split, counts in report.counts.items() if sum(counts.values())},
-                "malformed_lines": [{"split": bad.split, "file": bad.path, "line": bad.line, "problem": bad.problem}
-                                    for bad in report.bad_lines],
-                "note": "Malformed lines are listed with their file and line; rows dropped for a missing or corrupt "
-                        "image, an empty text or an unknown label are counted by split and reason. --strict_data "
-                        "stops at the first bad row instead, naming it.",
-            }, indent=2) + "\n")
-            logger.warning("Dropped bad rows: %s (listed in %s)", report, dropped_file)
+        if accelerator.is_main_process:
+            write_dropped_rows(config, self.task)
         self.multi_label = self.task.task_type == "multi_label_classification"
         peft_config = method_config(config.method, config.method_kwargs)
-        if self.feature_task:
-            self.base = self._feature_encoder()
-        elif self.retrieval:  # two towers, no head: the adapter aligns their embeddings
-            # transformers warns that the dual encoder's projections are "newly initialized ... TRAIN this model":
-            # expected here (Alt-MoE trains its own projections), so exactly that message is dropped, around this call
-            dual_encoder_logger = logging.getLogger(VisionTextDualEncoderModel.__module__)
-
-            def not_the_new_head_notice(record: logging.LogRecord) -> bool:
-                return "newly initialized. You should probably TRAIN this model" not in record.getMessage()
-
-            dual_encoder_logger.addFilter(not_the_new_head_notice)
-            try:
-                self.base = VisionTextDualEncoderModel.from_vision_text_pretrained(vision_path, text_path,
-                                                                                   **self._tower_kwargs())
-            finally:
-                dual_encoder_logger.removeFilter(not_the_new_head_notice)
-        else:
-            self.base = VisionTextModelForClassification.from_vision_text_pretrained(
-                vision_path, text_path, num_labels=len(self.task.label_names), problem_type=self.task.task_type,
-                classifier_input=config.classifier_input or default_classifier_input(peft_config),
-                id2label=dict(enumerate(self.task.label_names)), **self._tower_kwargs())
-        with warnings.catch_warnings():
-            # PEFT's PeftModel.__init__ reads `model.is_gradient_checkpointing`, which transformers 5 deprecates with
-            # a FutureWarning on every model; the recipe never checkpoints activations. Only that message is hidden.
-            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
-                                    category=FutureWarning)
-            self.model = peft.get_peft_model(self.base, peft_config)
-        train_split = self.task.dataset["train"]
-        eval_split = self.task.dataset["validation" if "validation" in self.task.dataset else "test"]
-        if self.feature_task:  # rows read as tensors, batched into features_a, features_b, labels
-            self.collator = FeatureCollator()
-            columns = [column for column in FEATURE_COLUMNS if column in train_split.column_names]
-            train_split = train_split.with_format("torch", columns=columns)
-            eval_split = eval_split.with_format("torch", columns=columns)
-        else:
-            native = getattr(self.base.vision_model.config, "image_size", None)
-            resized = config.vision_image_size is not None and config.vision_image_size != native
-            self.collator = MultimodalCollator(
-                AutoTokenizer.from_pretrained(text_path), self._image_processor(vision_path),
-                task_type=self.task.task_type, max_length=config.max_length,
-                num_labels=len(self.task.label_names) or None,
-                model_kwargs={"interpolate_pos_encoding": True} if resized else None)
-        if self.retrieval:  # one example per (image, caption) pair: every caption of every image
-            train_split = CaptionPairs(train_split)
-        self.train_loader = DataLoader(train_split, batch_size=config.batch_size, shuffle=True, drop_last=True,
-                                       collate_fn=self.collator, num_workers=config.num_workers,
-                                       generator=torch.Generator().manual_seed(config.seed))
-        self.eval_loader = DataLoader(eval_split, batch_size=config.eval_batch_size, collate_fn=self.collator,
-                                      num_workers=config.num_workers)
-        self.probe_loaders = (DataLoader(train_split, batch_size=config.eval_batch_size, collate_fn=self.collator),
-                              self.eval_loader)
+        self.base = build_base(config, self.task, peft_config, towers, accelerator)
+        self.model = with_adapter(self.base, peft_config)
+        data = build_loaders(config, self.task, self.base, towers)
+        self.collator, self.train_loader, self.eval_loader = data.collator, data.train_loader, data.eval_loader
+        self.probe_loaders = data.probe_loaders
         trained = self.model
         if config.cache_features:  # the towers run once per image and caption; training reads their stored features
             trained, self.train_loader, self.eval_loader = cached_feature_loaders(self, self.task.dataset["train"],
-                                                                                  eval_split)
+                                                                                  data.eval_split)
         steps_per_epoch = math.ceil(len(self.train_loader) / accelerator.num_processes /
                                     config.gradient_accumulation_steps)
         self.max_steps = config.max_steps or steps_per_epoch * config.num_epochs
