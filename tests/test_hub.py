@@ -15,7 +15,14 @@ import torch
 from huggingface_hub import ModelCard
 from transformers import BertModel, VisionTextDualEncoderModel, ViTModel
 
-from mmexperts import AltMoEConfig, MoPEConfig, VisionTextModelForClassification, push_adapter_to_hub, write_model_card
+from mmexperts import (
+    AltMoEConfig,
+    MoPEConfig,
+    S3Config,
+    VisionTextModelForClassification,
+    push_adapter_to_hub,
+    write_model_card,
+)
 
 from conftest import bert_config, make_batch, make_classifier, make_clip, vit_config
 
@@ -269,3 +276,24 @@ def test_a_seeded_image_text_base_snippet_defines_its_processor_sources(tmp_path
     used = {node.id for node in ast.walk(ast.parse(snippet)) if isinstance(node, ast.Name)}
     assert {"vision", "text"} & used <= assigned  # no NameError: the placeholder says what to give
     assert "path/to/processor-and-tokenizer" in snippet
+
+
+@pytest.mark.parametrize("method", ["mope", "s3", "altmoe"])
+def test_card_names_the_fields_and_settings_the_adapter_has(tmp_path, method):
+    torch.manual_seed(1)
+    if method == "mope":
+        model, batch = mope(make_classifier()), make_batch()
+    elif method == "s3":
+        model = peft.get_peft_model(make_classifier(), S3Config(num_experts=4, top_k=2, latent_size=16)).eval()
+        batch = make_batch()
+    else:
+        model, batch = peft.get_peft_model(make_clip(), AltMoEConfig(**ALTMOE)).eval(), make_batch(with_labels=False)
+    card, snippet = card_for(model, tmp_path / "adapter")
+    with torch.no_grad():
+        out = model(**batch)
+    named = set(re.findall(r"\bout\.(\w+)", snippet))
+    assert named <= set(out.keys()), f"the card names fields the output lacks: {named - set(out.keys())}"
+    assert named or method != "altmoe"
+    assert "None" not in card.text.split("## How to use")[0], "a setting the card reads is missing from the config"
+    if method == "s3":
+        assert "projected to width 16 and encoded by" in card.text
