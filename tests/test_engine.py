@@ -10,7 +10,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from mmexperts.errors import MMExpertsError, NonFiniteLossError
-from mmexperts.training import alternating, engine
+from mmexperts.training import alternating, engine, probes
 from mmexperts.training.engine import Engine, adamw_with_lr_scheduler, lr_factor, without
 from mmexperts.training.evaluation import evaluate_labels
 from mmexperts.training.methods import labelled_inputs, method_hooks, retrieval_inputs
@@ -167,3 +167,29 @@ def test_an_epoch_of_micro_batches_that_accumulation_does_not_divide_is_used_who
     assert sum(syncs) == 4 and syncs[-1]  # Accelerate ends the accumulation with the data
     assert [data_position(step, 10, 3) for step in (0, 3, 4, 5, 8)] == [(0, 0), (0, 9), (1, 0), (1, 3), (2, 0)]
     assert data_position(7, 12, 3) == (1, 9)  # dividing evenly: 4 steps an epoch
+
+
+@pytest.mark.parametrize("multi_label", [False, True], ids=["single_label", "multi_label"])
+def test_linear_probes_train_through_the_engine_as_a_plain_adamw_loop_would(multi_label, monkeypatch):
+    torch.manual_seed(0)
+    x, eval_x = torch.randn(64, 8), torch.randn(16, 8)
+    y = torch.randint(0, 2, (64, 3)) if multi_label else torch.randint(0, 3, (64,))
+    runs, run = [], Engine.run
+    monkeypatch.setattr(probes.Engine, "run", lambda self, *a, **k: runs.append(self) or run(self, *a, **k))
+    logits = probes.fit_linear_probe(x, y, eval_x, multi_label, 3, steps=20, seed=4)
+    assert len(runs) == 1 and runs[0].state.step == 20
+
+    generator = torch.Generator().manual_seed(4)  # the same probe, by hand
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
+    head = nn.Linear(8, 3)
+    with torch.no_grad():
+        head.weight.normal_(0, 0.01, generator=generator)
+        head.bias.zero_()
+    optimizer = torch.optim.AdamW(head.parameters(), lr=0.05, weight_decay=1e-3)
+    loss_fn = nn.BCEWithLogitsLoss() if multi_label else nn.CrossEntropyLoss()
+    for _ in range(20):
+        optimizer.zero_grad()
+        loss_fn(head((x - mean) / std), y.float() if multi_label else y).backward()
+        optimizer.step()
+    with torch.no_grad():
+        assert torch.equal(logits, head((eval_x - mean) / std))

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
+from types import SimpleNamespace
+
 import torch
 from torch import nn
+
+from .engine import Engine
 
 
 @torch.no_grad()
@@ -19,9 +24,22 @@ def pooled_features(model: nn.Module, loader) -> tuple[dict[str, torch.Tensor], 
     return {k: torch.cat(v) for k, v in features.items()}, torch.cat(labels)
 
 
+class _ProbeLoss(nn.Module):
+    """A linear head and its loss, as a model the training engine steps: ``(features, labels) -> .loss``."""
+
+    def __init__(self, head: nn.Linear, multi_label: bool):
+        super().__init__()
+        self.head, self.multi_label = head, multi_label
+        self.loss_fn = nn.BCEWithLogitsLoss() if multi_label else nn.CrossEntropyLoss()
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> SimpleNamespace:
+        return SimpleNamespace(loss=self.loss_fn(self.head(features), labels.float() if self.multi_label else labels))
+
+
 def fit_linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, eval_x: torch.Tensor, multi_label: bool,
                      num_labels: int, steps: int = 300, seed: int = 0) -> torch.Tensor:
-    """Fit a linear head on standardised features (full-batch AdamW) and return its logits on ``eval_x``."""
+    """Fit a linear head on standardised features (full-batch AdamW, ``steps`` steps of the training engine) and
+    return its logits on ``eval_x``."""
     generator = torch.Generator().manual_seed(seed)
     mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
     train_x, eval_x = (train_x - mean) / std, (eval_x - mean) / std
@@ -29,12 +47,9 @@ def fit_linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, eval_x: torch
     with torch.no_grad():
         head.weight.normal_(0, 0.01, generator=generator)
         head.bias.zero_()
+    probe = _ProbeLoss(head, multi_label)
     optimizer = torch.optim.AdamW(head.parameters(), lr=0.05, weight_decay=1e-3)
-    loss_fn = nn.BCEWithLogitsLoss() if multi_label else nn.CrossEntropyLoss()
-    for _ in range(steps):
-        loss = loss_fn(head(train_x), train_y.float() if multi_label else train_y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    engine = Engine(probe, optimizer, direction_schedule=None, skip_nonfinite=False)
+    engine.run(itertools.repeat({"features": train_x, "labels": train_y}), max_steps=steps)
     with torch.no_grad():
         return head(eval_x)
