@@ -5,10 +5,15 @@ and image ids to one safetensors file, atomically, with the sha256 of each tenso
 writes any such set, e.g. each image once and several captions per image, ``text_rows`` naming each caption's image);
 ``CachedFeatures`` checks and reads it as a torch dataset of (image, caption) pairs whose batches feed
 ``AltMoEModel.connect`` (directly, or through ``FeatureConnector``, a module that Accelerate/DDP can wrap).
+
+The file format and ``FeatureConnector`` serve any tuner with ``connect``: a labelled task's cache (S3) also holds
+each example's ``labels`` (class ids (N,) int64, or multi-hot (N, C) float32) and optionally ``task_ids``, which
+batches carry and ``FeatureConnector`` hands to ``connect``.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from pathlib import Path
@@ -32,7 +37,10 @@ FEATURE_KEYS = ("image_tokens", "image_mask", "text_tokens", "text_mask")
 # dtype and number of dimensions of each cached tensor, as cache_features writes them
 FEATURE_LAYOUT = {"image_tokens": (torch.float32, 3), "image_mask": (torch.int64, 2), "text_tokens": (torch.float32, 3),
                   "text_mask": (torch.int64, 2), "image_ids": (torch.int64, 1), "text_rows": (torch.int64, 1)}
+# per-example tensors of a labelled task's cache, with their accepted (dtype, number of dimensions)
+EXAMPLE_LAYOUTS = {"labels": ((torch.int64, 1), (torch.float32, 2)), "task_ids": ((torch.int64, 1),)}
 IMAGE_KEYS, TEXT_KEYS = ("image_tokens", "image_mask", "image_ids"), ("text_tokens", "text_mask", "text_rows")
+EXAMPLE_KEYS = tuple(EXAMPLE_LAYOUTS)  # read with each example's image row
 RECREATE = "recreate the cache with cache_features(model, loader, path)"
 
 
@@ -80,8 +88,9 @@ def cache_features(model: nn.Module, batches, path: str | os.PathLike, progress:
 
 def write_features(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
                    metadata: dict[str, str] | None = None) -> Path:
-    """Write cached features (the tensors of ``FEATURE_LAYOUT``) to ``path/features.safetensors`` atomically, with
-    the hidden sizes and the sha256 of every tensor in the metadata; the result is checked before it is swapped in."""
+    """Write cached features (the tensors of ``FEATURE_LAYOUT``, and of ``EXAMPLE_LAYOUTS`` for labelled tasks) to
+    ``path/features.safetensors`` atomically, with the hidden sizes and the sha256 of every tensor in the metadata;
+    the result is checked before it is swapped in."""
     tensors = {key: value.detach().cpu().contiguous() for key, value in tensors.items()}
     metadata = {**(metadata or {}), "vision_hidden_size": str(tensors["image_tokens"].shape[-1]),
                 "text_hidden_size": str(tensors["text_tokens"].shape[-1]),
@@ -127,7 +136,7 @@ class CachedFeatures(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         rows = self.tensors.get("text_rows")
         image = index if rows is None else int(rows[index])
-        item = {key: self.tensors[key][image] for key in IMAGE_KEYS if key in self.tensors}
+        item = {key: self.tensors[key][image] for key in IMAGE_KEYS + EXAMPLE_KEYS if key in self.tensors}
         item.update({key: self.tensors[key][index] for key in ("text_tokens", "text_mask")})
         return item
 
@@ -143,19 +152,20 @@ class CachedFeatures(Dataset):
 def _check_cache(file: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Refuse a cache whose tensors are missing, misshapen or differ from the sha256 sums in its metadata."""
     missing = [key for key in FEATURE_KEYS if key not in tensors]
-    unknown = sorted(set(tensors) - set(FEATURE_LAYOUT))
+    unknown = sorted(set(tensors) - set(FEATURE_LAYOUT) - set(EXAMPLE_LAYOUTS))
     if missing or unknown:
         raise CorruptFileError(file, f"Missing the tensors {missing}, unexpected {unknown}; expected "
                                      f"{list(FEATURE_KEYS)} (+ image_ids), {RECREATE}.")
     for key, tensor in tensors.items():
-        dtype, dims = FEATURE_LAYOUT[key]
-        if tensor.dtype != dtype or tensor.dim() != dims:
+        layouts = EXAMPLE_LAYOUTS.get(key) or (FEATURE_LAYOUT[key],)
+        if (tensor.dtype, tensor.dim()) not in layouts:
+            expected = " or ".join(f"{dtype} with {dims} dimensions" for dtype, dims in layouts)
             raise CorruptFileError(file, f"Tensor {key!r} is {tensor.dtype} of shape {tuple(tensor.shape)}, "
-                                         f"expected {dtype} with {dims} dimensions; {RECREATE}.")
+                                         f"expected {expected}; {RECREATE}.")
     shapes = {key: tuple(tensor.shape) for key, tensor in tensors.items()}
     paired = "text_rows" not in tensors  # one caption per image, in the images' order
-    groups = [[key for key in IMAGE_KEYS + TEXT_KEYS if key in tensors]] if paired else \
-        [[key for key in keys if key in tensors] for keys in (IMAGE_KEYS, TEXT_KEYS)]
+    groups = [[key for key in IMAGE_KEYS + EXAMPLE_KEYS + TEXT_KEYS if key in tensors]] if paired else \
+        [[key for key in keys if key in tensors] for keys in (IMAGE_KEYS + EXAMPLE_KEYS, TEXT_KEYS)]
     for keys in groups:
         count = shapes[keys[0]][0]
         if count == 0 or any(shapes[key][0] != count for key in keys):
@@ -192,14 +202,26 @@ def _check_cache(file: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
                                          f"{RECREATE}.")
 
 
+def _connect_tuner(model: nn.Module):
+    """The tuner of ``model`` (a PeftModel, or the tuner itself) if it computes from token features (``connect``)."""
+    tuner = getattr(model, "base_model", model)
+    if not callable(getattr(tuner, "connect", None)):
+        raise TypeError("Expected a PeftModel whose adapter computes from cached token features (Alt-MoE, or S3 with "
+                        f"heads), got {type(model).__name__}.")
+    return tuner
+
+
 class FeatureConnector(nn.Module):
-    """The connector of an Alt-MoE PeftModel as a module over cached features, for training loops (Accelerate, DDP):
-    ``FeatureConnector(peft_model)(**cached_batch)`` returns the ``AltMoEOutput`` with its loss. Other attributes
-    (``save_pretrained``, ``peft_config``, ``base_model``...) are the PeftModel's."""
+    """The adapter of a PeftModel as a module over cached features, for training loops (Accelerate, DDP):
+    ``FeatureConnector(peft_model)(**cached_batch)`` returns the tuner's ``connect`` output with its loss (Alt-MoE: the
+    ``AltMoEOutput`` of its connector; S3: the forward's logits, loss and fields). ``labels`` and ``task_ids`` go to
+    ``connect`` where it takes them. Other attributes (``save_pretrained``, ``peft_config``, ``base_model``...) are
+    the PeftModel's."""
 
     def __init__(self, peft_model: nn.Module):
         super().__init__()
-        _tuner(peft_model)
+        parameters = inspect.signature(_connect_tuner(peft_model).connect).parameters
+        self._connect_takes = {name for name in EXAMPLE_KEYS if name in parameters}
         self.peft_model = peft_model
 
     def __getattr__(self, name: str):
@@ -209,7 +231,12 @@ class FeatureConnector(nn.Module):
             return getattr(self._modules["peft_model"], name)
 
     def forward(self, image_tokens: torch.Tensor, image_mask: torch.Tensor, text_tokens: torch.Tensor,
-                text_mask: torch.Tensor, image_ids: torch.Tensor | None = None,
-                return_loss: bool = True) -> AltMoEOutput:
-        return _tuner(self.peft_model).connect(image_tokens, image_mask, text_tokens, text_mask,
-                                               return_loss=return_loss)
+                text_mask: torch.Tensor, image_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                task_ids: torch.Tensor | None = None, return_loss: bool = True) -> AltMoEOutput:
+        given = {"labels": labels, "task_ids": task_ids}
+        unused = [name for name, value in given.items() if value is not None and name not in self._connect_takes]
+        if unused:
+            raise TypeError(f"The batch holds {unused}, which this adapter's connect does not take.")
+        extra = {name: value for name, value in given.items() if value is not None}
+        return _connect_tuner(self.peft_model).connect(image_tokens, image_mask, text_tokens, text_mask,
+                                                       return_loss=return_loss, **extra)

@@ -148,6 +148,11 @@ class AltMoEModel(TwoTowerTuner):
         text, text_mask = self.tower_tokens("text", **inputs)
         return TokenFeatures(image, image_mask, text, text_mask)
 
+    def feature_signature(self) -> dict:
+        """What :meth:`tower_tokens` extracts, for the key of a feature cache (a cache of another method's features is
+        never read for this adapter)."""
+        return {"method": "altmoe", "tokens": "mean of the last two hidden layers"}
+
     def tower_tokens(self, modality: str, **inputs) -> tuple[torch.Tensor, torch.Tensor]:
         """Run one frozen tower alone on its inputs; return its token features (mean of its last two hidden layers)
         and the mask of the real tokens (the tower's attention mask where it takes one, as text towers do; else all

@@ -4,11 +4,13 @@ after the model runs, and attaches routing, representations, logits and the stag
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
 from torch import nn
 from transformers.loss.loss_utils import ForSequenceClassificationLoss
+from transformers.utils import ModelOutput
 
 from ..errors import ConfigError
 from ..towers import masked_mean
@@ -21,6 +23,16 @@ from .pruning import ExpertPruning, without_s3_inputs
 HEAD_NAMES = ("classifier",)
 OUTPUT_KEYS = {"concept_embeds": "concept_embeds", "fused_embeds": "fused_embeds", "routing_weights": "routing_weights",
                "concept_assignments": "assignments"}  # output field: S3Output attribute
+
+
+@dataclass
+class S3FeatureOutput(ModelOutput):
+    """What :meth:`S3Model.connect` returns: ``loss`` and ``logits`` as the PeftModel's forward gives them, and every
+    other field S3 adds to that output (``aux_loss``, ``routing_weights``, ``fused_embeds``..., per design and stage)
+    as items and attributes; the base model's own fields (its pooled tower embeddings) are not computed."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
 
 
 class S3Model(ExpertPruning, TwoTowerTuner):
@@ -184,6 +196,81 @@ class S3Model(ExpertPruning, TwoTowerTuner):
         core = layers["vision"]
         return core.s3_core[adapter_name](tokens, mask, core.s3_expert_mask[adapter_name],
                                           context.inputs.get("task_ids"))
+
+    # ---- training from cached tower features ------------------------------------------------------------------------
+    def feature_signature(self) -> dict:
+        """What :meth:`tower_tokens` extracts, for the key of a feature cache: a cache of another method (or another
+        token layer) is never read for this adapter."""
+        config = self.peft_config[self.single_adapter()]
+        return {"method": "s3", "tokens": "output of the token block",
+                "token_layer": {m: self._token_block(m, config) for m in MODALITIES}}
+
+    def tower_tokens(self, modality: str, **inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run one frozen tower alone on its inputs (``pixel_values``, or ``input_ids`` and ``attention_mask``...) and
+        return what the S3 layer records at its token block, i.e. what :meth:`compute` reads: the tokens (batch,
+        length, hidden size) and the boolean mask of the real ones. S3 itself is not computed; call it in eval mode
+        under ``torch.no_grad()`` to cache features."""
+        self.single_adapter()
+        tower = self.towers[modality]
+        tower_inputs = tower.select_inputs(inputs)
+        if not tower_inputs:
+            raise ValueError(f"The batch has none of the {modality} tower's inputs {list(tower.input_names)}.")
+        with self.calling(inputs) as context:
+            tower.module(**tower_inputs)
+            if modality not in context.tokens:
+                raise ValueError(f"No S3 layer recorded the {modality} tower's tokens: the adapter is disabled or not "
+                                 "active; activate it (model.set_adapter(name)) before computing tower tokens.")
+            return context.tokens[modality]
+
+    def check_connect(self) -> list[str]:
+        """The active adapters :meth:`connect` computes; refuses adapters without S3's own heads (``num_labels`` 0)."""
+        names = self.active_adapter_names()
+        if not names:
+            raise ValueError("No S3 adapter is active (inside disable_adapter()?); connect computes the active ones.")
+        headless = [name for name in names if not self.peft_config[name].num_labels]
+        if headless:
+            raise ConfigError("num_labels", f"S3 adapter(s) {headless} have no head of their own (num_labels=0), so "
+                              "their logits would come from the base model's classifier, which reads the towers' "
+                              "full outputs, not the cached token features. To train S3 from cached features, create "
+                              "the adapter on a classifier base (or with S3Config(num_labels=...)); else run the "
+                              "towers (drop --cache_features).")
+        return names
+
+    def connect(self, image_tokens: torch.Tensor, image_mask: torch.Tensor | None, text_tokens: torch.Tensor,
+                text_mask: torch.Tensor | None, labels: torch.Tensor | None = None,
+                task_ids: torch.Tensor | None = None, return_loss: bool = True) -> S3FeatureOutput:
+        """S3 (its active adapters, with their heads) on token features as :meth:`tower_tokens` gives them (or a
+        feature cache stores them): the logits, loss and fields of the PeftModel's forward on the batch they came
+        from. Masks mark the real tokens (None: all real). Needs adapters with S3's own heads (``num_labels`` > 0):
+        without them the logits would come from the base model's head, which sits on the towers' full outputs."""
+        names = self.check_connect()
+        tokens = {}
+        for modality, name, value, mask in (("vision", "image_tokens", image_tokens, image_mask),
+                                            ("text", "text_tokens", text_tokens, text_mask)):
+            expected = self.towers[modality].hidden_size
+            if value.dim() != 3 or value.shape[-1] != expected:
+                raise ValueError(f"{name} must have shape (batch, length, {expected}) for this adapter's {modality} "
+                                 f"tower, got {tuple(value.shape)}; compute the features with the same backbone the "
+                                 "adapter was built on.")
+            if mask is None:
+                mask = torch.ones(value.shape[:2], dtype=torch.bool, device=value.device)
+            elif tuple(mask.shape) != tuple(value.shape[:2]):
+                raise ValueError(f"The {modality} mask has shape {tuple(mask.shape)} but {name} has "
+                                 f"{tuple(value.shape[:2])} tokens; pass one mask entry per token.")
+            tokens[modality] = (value, mask.bool())
+        if image_tokens.shape[0] != text_tokens.shape[0]:
+            raise ValueError(f"image_tokens hold {image_tokens.shape[0]} examples but text_tokens "
+                             f"{text_tokens.shape[0]}; pass one image and one text per example.")
+        inputs = {key: value for key, value in (("labels", labels), ("task_ids", task_ids)) if value is not None}
+        with self.calling(inputs) as context:
+            context.tokens.update(tokens)
+            fields, loss = self.call_outputs(names, None)
+            fields.setdefault("aux_loss", self.zero())
+            fields.setdefault("routing_weights", self.routing_weights(names))
+        out = S3FeatureOutput(loss=loss if return_loss else None, logits=fields.pop("logits", None))
+        for key, value in fields.items():
+            out[key] = value
+        return out
 
     def task_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The task loss with transformers' semantics for the base model's ``problem_type``."""

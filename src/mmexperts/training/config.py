@@ -16,7 +16,7 @@ from ..docstrings import document_fields
 from ..errors import ConfigError, MMExpertsError
 from ..modeling import FeatureEncoderConfig
 from ..offline.factors import build_factor_dataset
-from .methods import CACHED_FEATURE_METHODS, METHODS, method_config
+from .methods import CACHED_FEATURE_METHODS, DEFAULT_CACHED_FEATURE_METHODS, METHODS, method_config
 
 MAPPING_FIELDS = ("method_config", "dataset_config")  # YAML mappings of keyword arguments
 DATASET_ARGUMENTS = tuple(p.name for p in inspect.signature(load_task).parameters.values()
@@ -91,7 +91,8 @@ class TrainConfig:
     cache_features: bool | None = field(default=None, metadata={
         "help": "Run the frozen towers once per image and caption, store their token features and train the adapter "
                 "from them (towers in evaluation mode while caching); default: on for methods that read only the "
-                "towers' outputs (altmoe), off otherwise."})
+                "towers' outputs (altmoe), off otherwise. S3 (--method s3) can too, on labelled image-text tasks: "
+                "its layers' token features are cached with each example's labels."})
     feature_cache_dir: str | None = field(default=None, metadata={
         "help": "Folder of the cached tower features (one subfolder per towers + data); default: "
                 "$MMEXPERTS_CACHE/features or ~/.cache/mmexperts/features."})
@@ -171,11 +172,16 @@ class TrainConfig:
                                         f"{NOT_FOR_FEATURE_TASKS.get(self.method, 'it does not attach to them')}. "
                                         f"Feature tasks train with --method {' or '.join(FEATURE_TASK_METHODS)}.")
         if self.cache_features is None:
-            self.cache_features = self.method in CACHED_FEATURE_METHODS
+            self.cache_features = self.method in DEFAULT_CACHED_FEATURE_METHODS and not self.feature_task
         elif self.cache_features and self.method not in CACHED_FEATURE_METHODS:
-            raise ConfigError("cache_features", f"--cache_features needs a method that reads only the frozen towers' "
-                                                f"outputs ({sorted(CACHED_FEATURE_METHODS)}), got --method "
-                                                f"{self.method}; drop --cache_features.")
+            raise ConfigError("cache_features", f"--cache_features needs a method that can train from the frozen "
+                                                f"towers' stored outputs ({sorted(CACHED_FEATURE_METHODS)}), got "
+                                                f"--method {self.method}; drop --cache_features.")
+        elif self.cache_features and self.feature_task:
+            raise ConfigError("cache_features", f"--cache_features (--method {self.method}) caches the image and text "
+                                                f"towers' token features of image-text tasks; --dataset "
+                                                f"{self.dataset} is a feature-sequence task on frozen random feature "
+                                                "towers, which the cache does not serve; drop --cache_features.")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ConfigError("mixed_precision", "--mixed_precision must be 'no', 'fp16' or 'bf16', got "
                                                  f"{self.mixed_precision!r}.")

@@ -4,8 +4,11 @@ metadata) under a key of the towers' weights and configs, the collator's setting
 reads the cache instead of running the towers.
 
 A method supports the cache when its tuner has ``tower_tokens(modality, **inputs)`` (one tower's token features and
-mask) and ``connect(image_tokens, image_mask, text_tokens, text_mask, return_loss)`` (the adapter on them).
-The towers run in evaluation mode (no dropout) while the cache is built.
+mask) and ``connect(image_tokens, image_mask, text_tokens, text_mask, return_loss)`` (the adapter on them; with
+``labels`` and ``task_ids`` for labelled tasks), and names what it extracts with ``feature_signature()`` (part of the
+key: one method's cache is never read for another). Retrieval (Alt-MoE) caches each image once and every caption;
+labelled tasks (S3) one row per example with its labels. The towers run in evaluation mode (no dropout) while the
+cache is built.
 """
 
 from __future__ import annotations
@@ -21,7 +24,14 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from ..altmoe.features import IMAGE_KEYS, CachedFeatures, FeatureConnector, cache_features, write_features
+from ..altmoe.features import (
+    EXAMPLE_KEYS,
+    IMAGE_KEYS,
+    CachedFeatures,
+    FeatureConnector,
+    cache_features,
+    write_features,
+)
 from ..atomic import exclusive_lock
 from ..checksums import tensor_sha256
 from ..errors import CorruptFileError
@@ -111,10 +121,17 @@ def data_fingerprint(split) -> str:
     return digest.hexdigest()
 
 
+def feature_signature(tuner) -> dict:
+    """What the method's ``tower_tokens`` extracts (its ``feature_signature()``; else the tuner's class name)."""
+    signature = getattr(tuner, "feature_signature", None)
+    return signature() if callable(signature) else {"method": type(tuner).__name__}
+
+
 def cache_key(tuner, collator, split, every_caption: bool) -> dict:
-    """Everything the cached features depend on."""
-    return {"format": FORMAT_VERSION, "towers": towers_fingerprint(tuner), "collator": collator_fingerprint(collator),
-            "data": data_fingerprint(split), "every_caption": every_caption}
+    """Everything the cached features depend on: the method's feature extraction, the towers, the collator, the data
+    and the layout (every caption, or one row per example)."""
+    return {"format": FORMAT_VERSION, "features": feature_signature(tuner), "towers": towers_fingerprint(tuner),
+            "collator": collator_fingerprint(collator), "data": data_fingerprint(split), "every_caption": every_caption}
 
 
 @torch.no_grad()
@@ -146,13 +163,53 @@ def build_caption_cache(model: torch.nn.Module, split, collator, path: str | os.
     return write_features(tensors, path, metadata)
 
 
+@torch.no_grad()
+def build_example_cache(model: torch.nn.Module, split, collator, path: str | os.PathLike, batch_size: int = 64,
+                        metadata: dict[str, str] | None = None, progress: bool = False) -> Path:
+    """Cache one row per example of a labelled split: both towers' token features (``tower_tokens``), their masks, and
+    the batch's ``labels`` (and ``task_ids``) as the collator gives them."""
+    tuner = feature_tuner(model)
+    was_training = tuner.model.training
+    tuner.model.eval()
+    parts = {key: [] for key in ("image_tokens", "image_mask", "text_tokens", "text_mask", *EXAMPLE_KEYS)}
+    try:
+        # a loader of its own generator: building the cache draws nothing from the global RNG, so a run that builds
+        # it draws the same random numbers (augmented views, dropout) as one that reads it or runs the towers
+        loader = DataLoader(split, batch_size=batch_size, collate_fn=collator, generator=torch.Generator())
+        for batch in tqdm(loader, desc="caching tower features", disable=not progress):
+            inputs = {k: v for k, v in batch.items() if k not in ("image_ids", *EXAMPLE_KEYS)}
+            for modality, prefix in (("vision", "image"), ("text", "text")):
+                tokens, mask = tuner.tower_tokens(modality, **inputs)
+                parts[f"{prefix}_tokens"].append(tokens.float().cpu())
+                parts[f"{prefix}_mask"].append(mask.long().cpu())
+            for key in EXAMPLE_KEYS:
+                if batch.get(key) is not None:
+                    parts[key].append(torch.as_tensor(batch[key]).cpu())
+    finally:
+        tuner.model.train(was_training)
+    if not parts["image_tokens"]:
+        raise ValueError("No examples to cache: the split is empty.")
+    length = max(t.shape[1] for t in parts["text_tokens"])
+    tensors = {"image_tokens": torch.cat(parts["image_tokens"]), "image_mask": torch.cat(parts["image_mask"]),
+               "text_tokens": torch.cat([F.pad(t, (0, 0, 0, length - t.shape[1])) for t in parts["text_tokens"]]),
+               "text_mask": torch.cat([F.pad(m, (0, length - m.shape[1])) for m in parts["text_mask"]])}
+    for key in EXAMPLE_KEYS:
+        if parts[key]:
+            values = torch.cat(parts[key])
+            tensors[key] = values.float() if values.is_floating_point() else values.long()
+    return write_features(tensors, path, metadata)
+
+
 def cached_split(model: torch.nn.Module, split, collator, name: str, every_caption: bool,
                  cache_dir: str | os.PathLike | None = None, batch_size: int = 64, progress: bool = False,
-                 log=print) -> CachedFeatures:
+                 log=print, labelled: bool = False) -> CachedFeatures:
     """The cached features of one split: read when a cache with the same key exists, else built (once, under a
-    lock) and written. ``every_caption``: each image once and all its captions; else caption 0 beside each image."""
+    lock) and written. ``every_caption``: each image once and all its captions; else caption 0 beside each image
+    (``labelled``: one row per example, with its labels)."""
     tuner = feature_tuner(model)
     key = cache_key(tuner, collator, split, every_caption)
+    if labelled:
+        key["labelled"] = True
     fingerprint = _digest(key)
     root = Path(cache_dir) if cache_dir is not None else default_feature_cache_dir()
     root.mkdir(parents=True, exist_ok=True)
@@ -164,6 +221,8 @@ def cached_split(model: torch.nn.Module, split, collator, name: str, every_capti
             metadata = {"fingerprint": fingerprint, "key": json.dumps(key, sort_keys=True)}
             if every_caption:
                 build_caption_cache(model, split, collator, folder, batch_size, metadata, progress)
+            elif labelled:
+                build_example_cache(model, split, collator, folder, batch_size, metadata, progress)
             else:
                 loader = DataLoader(split, batch_size=batch_size, collate_fn=collator)
                 cache_features(model, loader, folder, progress=progress, metadata=metadata)
@@ -196,7 +255,8 @@ class FeatureBatches(CachedFeatures):
         index = torch.as_tensor(indices, dtype=torch.long)
         rows = self.tensors.get("text_rows")
         images = index if rows is None else rows.index_select(0, index)
-        batch = {key: self.tensors[key].index_select(0, images) for key in IMAGE_KEYS if key in self.tensors}
+        batch = {key: self.tensors[key].index_select(0, images) for key in IMAGE_KEYS + EXAMPLE_KEYS
+                 if key in self.tensors}
         length = max(int(self.text_lengths.index_select(0, index).max()), 1)
         for key in ("text_tokens", "text_mask"):
             batch[key] = self.tensors[key].index_select(0, index)[:, :length]
@@ -210,12 +270,18 @@ class FeatureBatches(CachedFeatures):
 
 def cached_feature_loaders(trainer, train_split, eval_split) -> tuple[torch.nn.Module, DataLoader, DataLoader]:
     """For the engine: the module to train on cached features (``FeatureConnector`` over the PeftModel) and the
-    training (every caption, shuffled as the tower loader is) and evaluation (caption 0 of each image) loaders."""
+    training (shuffled as the tower loader is) and evaluation loaders. Retrieval: every caption of each training
+    image, caption 0 of each evaluation image; labelled tasks: one row per example with its labels."""
     config, accelerator = trainer.config, trainer.accelerator
+    retrieval = trainer.retrieval
+    check = getattr(feature_tuner(trainer.model), "check_connect", None)
+    if callable(check):  # refuse before the towers run over the data
+        check()
     with accelerator.main_process_first():
         caches = [cached_split(trainer.model, split, trainer.collator, name, every, config.feature_cache_dir,
-                               config.eval_batch_size, progress=accelerator.is_main_process, log=accelerator.print)
-                  for split, name, every in ((train_split, "train", True), (eval_split, "eval", False))]
+                               config.eval_batch_size, progress=accelerator.is_main_process, log=accelerator.print,
+                               labelled=not retrieval)
+                  for split, name, every in ((train_split, "train", retrieval), (eval_split, "eval", False))]
     train, evaluation = (FeatureBatches(cache) for cache in caches)
     train_loader = DataLoader(train, batch_size=config.batch_size, shuffle=True, drop_last=True,
                               collate_fn=FeatureBatches.collate, num_workers=config.num_workers,

@@ -44,7 +44,7 @@ from .checkpoint import (
 from .config import TrainConfig
 from .engine import Engine, StepOutput
 from .evaluation import Evaluation, PlotTarget
-from .features import cached_feature_loaders
+from .features import FeatureConnector, cached_feature_loaders
 from .methods import (
     METHODS,
     RETRIEVAL_METHODS,
@@ -308,6 +308,8 @@ class Trainer:
         """Scores of linear probes on each frozen tower alone (the base model with the adapter disabled): vision and
         text, or a feature task's modality_a and modality_b."""
         model = self.accelerator.unwrap_model(self.model)
+        if isinstance(model, FeatureConnector):  # trained from cached features: the probes read the towers
+            model = model.peft_model
         if self.feature_task:  # the feature encoder's pooled towers, side by side: one half per modality
             (train_x, train_labels, _), (eval_x, eval_labels, _) = (probe_features(model, loader, adapter=False)
                                                                     for loader in self.probe_loaders)

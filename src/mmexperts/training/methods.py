@@ -62,7 +62,10 @@ METHOD_HOOKS: dict[str, MethodHooks] = {
     "altmoe": MethodHooks(retrieval_inputs, evaluate_retrieval, retrieval_metric, retrieval_plots),
 }
 RETRIEVAL_METHODS = {name for name, hooks in METHOD_HOOKS.items() if hooks.retrieval}
-CACHED_FEATURE_METHODS = {"altmoe"}  # methods whose adapter reads only the frozen towers' outputs
+# methods whose adapter can train from the frozen towers' stored outputs (S3: on labelled image-text tasks, with its
+# own heads), and those of them that do by default (Alt-MoE reads only the towers' outputs)
+CACHED_FEATURE_METHODS = {"altmoe", "s3"}
+DEFAULT_CACHED_FEATURE_METHODS = {"altmoe"}
 UNUSED_PARAMETER_METHODS = {"altmoe"}  # a step may leave parameters unused (one direction, unrouted experts)
 
 
