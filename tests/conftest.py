@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -231,6 +232,20 @@ def train_interrupted(config: TrainConfig, monkeypatch, step: int = 4) -> None:
     with pytest.raises(KeyboardInterrupt):
         train(config)
     monkeypatch.setattr(Trainer, "on_step_end", original)
+
+
+def assert_resumes_exactly(config_for: Callable[..., TrainConfig], monkeypatch, step: int = 4) -> None:
+    """A run stopped after ``step`` and resumed from its latest checkpoint ends with exactly the adapter weights of an
+    uninterrupted run. ``config_for(folder, **overrides)`` builds each run's config ("straight", "resumed")."""
+    train(config_for("straight"))
+    train_interrupted(config_for("resumed"), monkeypatch, step)
+    resumed_config = config_for("resumed", resume_from_checkpoint="latest")
+    train(resumed_config)
+    straight = adapter_weights(Path(config_for("straight").output_dir) / "adapter")
+    resumed = adapter_weights(Path(resumed_config.output_dir) / "adapter")
+    assert straight.keys() == resumed.keys() and straight
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0)
 
 
 # ---- shared by several test modules (no test module imports another) ---------------------------------------------

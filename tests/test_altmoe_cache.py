@@ -15,7 +15,7 @@ from mmexperts.errors import CorruptFileError
 from mmexperts.training import Trainer, train
 from mmexperts.training.features import CaptionPairs
 
-from conftest import adapter_weights, tiny_config, train_interrupted
+from conftest import assert_resumes_exactly, tiny_config
 
 ALTMOE = dict(method="altmoe", dataset="synthetic:retrieval",
               method_config={"num_experts": 4, "top_k": 2, "hidden_size": 16, "init_weights": False, "dropout": 0.0})
@@ -120,11 +120,5 @@ def test_an_epoch_uses_every_caption_of_every_image(backbones, tmp_path):
 
 
 def test_interrupted_cached_run_resumes_to_the_same_weights(backbones, tmp_path, monkeypatch):
-    train(tiny_config(backbones, tmp_path / "straight", **ALTMOE))
-    train_interrupted(tiny_config(backbones, tmp_path / "resumed", **ALTMOE), monkeypatch)
-    train(tiny_config(backbones, tmp_path / "resumed", resume_from_checkpoint="latest", **ALTMOE))
-    straight = adapter_weights(tmp_path / "straight" / "adapter")
-    resumed = adapter_weights(tmp_path / "resumed" / "adapter")
-    assert straight.keys() == resumed.keys() and straight
-    for key in straight:
-        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0)
+    assert_resumes_exactly(lambda folder, **overrides: tiny_config(backbones, tmp_path / folder, **ALTMOE,
+                                                                   **overrides), monkeypatch)

@@ -13,9 +13,9 @@ import torch
 from mmexperts.data import FeatureCollator, load_task
 from mmexperts.errors import ConfigError, DataError
 from mmexperts.modeling import FeatureEncoderForClassification
-from mmexperts.training import TrainConfig, Trainer, list_checkpoints, parse_config, train
+from mmexperts.training import TrainConfig, Trainer, list_checkpoints, parse_config
 
-from conftest import ROOT, adapter_weights, load_recipe_module, train_interrupted
+from conftest import ROOT, assert_resumes_exactly, load_recipe_module
 from conftest import write_affect as _write_affect
 
 FACTORS = ["--config", "none", "--method", "s3", "--dataset", "synthetic:factors", "--train_size", "64",
@@ -71,14 +71,7 @@ def test_an_interrupted_feature_run_resumes_to_the_same_weights(tmp_path, monkey
         return parse_config([*FACTORS, "--output_dir", str(tmp_path / folder), "--no_unimodal_baselines",
                              *[f"--{k}={v}" for k, v in overrides.items()]])
 
-    train(config("straight"))
-    train_interrupted(config("resumed"), monkeypatch, step=2)
-    train(config("resumed", resume_from_checkpoint="latest"))
-    straight, resumed = adapter_weights(tmp_path / "straight" / "adapter"), adapter_weights(tmp_path / "resumed" /
-                                                                                             "adapter")
-    assert straight.keys() == resumed.keys()
-    for key in straight:
-        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0)
+    assert_resumes_exactly(config, monkeypatch, step=2)
 
 
 def test_recipe_trains_s3_on_a_tiny_multibench_pickle(tmp_path, capsys):

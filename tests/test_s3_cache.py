@@ -11,11 +11,11 @@ import torch
 from mmexperts import AltMoEConfig, S3Config
 from mmexperts.altmoe.features import CachedFeatures, FeatureConnector, write_features
 from mmexperts.errors import ConfigError
-from mmexperts.training import TrainConfig, Trainer, train
+from mmexperts.training import TrainConfig, Trainer
 from mmexperts.training.assembly import build_base, with_adapter
 from mmexperts.training.features import FeatureBatches, cache_key, cached_split, feature_tuner
 
-from conftest import adapter_weights, make_batch, make_classifier, tiny_config, train_interrupted
+from conftest import assert_resumes_exactly, make_batch, make_classifier, tiny_config
 
 S3 = dict(method="s3", dataset="synthetic:entailment", frozen_dropout=False,
           method_config={"num_experts": 4, "latent_size": 16, "init_weights": False})
@@ -126,15 +126,8 @@ def test_an_altmoe_cache_is_not_read_for_s3(backbones, tmp_path):
 
 
 def test_resumed_cached_run_continues_to_the_same_weights(backbones, tmp_path, monkeypatch):
-    run = dict(cache_features=True, **S3)
-    train(tiny_config(backbones, tmp_path / "straight", **run))
-    train_interrupted(tiny_config(backbones, tmp_path / "resumed", **run), monkeypatch)
-    train(tiny_config(backbones, tmp_path / "resumed", resume_from_checkpoint="latest", **run))
-    straight = adapter_weights(tmp_path / "straight" / "adapter")
-    resumed = adapter_weights(tmp_path / "resumed" / "adapter")
-    assert straight.keys() == resumed.keys() and straight
-    for key in straight:
-        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0)
+    assert_resumes_exactly(lambda folder, **overrides: tiny_config(backbones, tmp_path / folder, cache_features=True,
+                                                                   **S3, **overrides), monkeypatch)
 
 
 def test_the_default_stays_off_for_s3_and_feature_tasks_refuse_the_cache():
