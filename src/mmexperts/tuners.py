@@ -212,14 +212,20 @@ class TwoTowerTuner(BaseTuner):
         """Add the call's adapter outputs (of the adapters ``names`` that ran) to the model's output."""
         if not hasattr(output, "keys"):
             return output
-        fields, loss = self.call_outputs(names, output.get("loss"))
-        fields.setdefault("aux_loss", self.zero())
-        fields.setdefault("routing_weights", self.routing_weights(names))
+        fields, loss = self.call_fields(names, output.get("loss"))
         for key, value in fields.items():
             output[key] = value
         if loss is not None:
             output["loss"] = loss
         return output
+
+    def call_fields(self, adapter_names: list[str],
+                    base_loss: torch.Tensor | None) -> tuple[dict, torch.Tensor | None]:
+        """``call_outputs``, with ``aux_loss`` and ``routing_weights`` always among the fields."""
+        fields, loss = self.call_outputs(adapter_names, base_loss)
+        fields.setdefault("aux_loss", self.zero())
+        fields.setdefault("routing_weights", self.routing_weights(adapter_names))
+        return fields, loss
 
     def call_outputs(self, adapter_names: list[str],
                      base_loss: torch.Tensor | None) -> tuple[dict, torch.Tensor | None]:

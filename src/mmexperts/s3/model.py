@@ -264,9 +264,7 @@ class S3Model(ExpertPruning, TwoTowerTuner):
         inputs = {key: value for key, value in (("labels", labels), ("task_ids", task_ids)) if value is not None}
         with self.calling(inputs) as context:
             context.tokens.update(tokens)
-            fields, loss = self.call_outputs(names, None)
-            fields.setdefault("aux_loss", self.zero())
-            fields.setdefault("routing_weights", self.routing_weights(names))
+            fields, loss = self.call_fields(names, None)
         out = S3FeatureOutput(loss=loss if return_loss else None, logits=fields.pop("logits", None))
         for key, value in fields.items():
             out[key] = value
