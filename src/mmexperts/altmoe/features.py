@@ -16,6 +16,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -52,6 +53,25 @@ def _tuner(model: nn.Module) -> AltMoEModel:
     return tuner
 
 
+@contextmanager
+def towers_in_eval(tuner):
+    """The tuner's model in evaluation mode (no tower dropout) while features are cached; its mode restored after."""
+    was_training = tuner.model.training
+    tuner.model.eval()
+    try:
+        yield
+    finally:
+        tuner.model.train(was_training)
+
+
+def padded_text(tokens: list[torch.Tensor], masks: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Batches of text token features (batch, length, dim) and their masks, padded to the longest and stacked:
+    ``text_tokens`` (float32) and ``text_mask`` (int64, 0 on padding)."""
+    length = max(t.shape[1] for t in tokens)
+    return {"text_tokens": torch.cat([F.pad(t, (0, 0, 0, length - t.shape[1])) for t in tokens]).float(),
+            "text_mask": torch.cat([F.pad(m, (0, length - m.shape[1])) for m in masks]).long()}
+
+
 @torch.no_grad()
 def cache_features(model: nn.Module, batches, path: str | os.PathLike, progress: bool = False,
                    metadata: dict[str, str] | None = None) -> Path:
@@ -59,27 +79,19 @@ def cache_features(model: nn.Module, batches, path: str | os.PathLike, progress:
     ``pixel_values``, ``input_ids``, ``attention_mask`` and optionally ``image_ids``) and store the token features in
     ``path/features.safetensors``. Text is padded to the longest caption; masks mark the real tokens."""
     tuner = _tuner(model)
-    was_training = tuner.model.training
-    tuner.model.eval()
     parts: dict[str, list[torch.Tensor]] = {key: [] for key in (*FEATURE_KEYS, "image_ids")}
-    try:
+    with towers_in_eval(tuner):
         for batch in tqdm(batches, desc="caching tower features", disable=not progress):
             features = tuner.token_features(**{k: v for k, v in batch.items() if k != "image_ids"})
             for key in FEATURE_KEYS:
                 parts[key].append(getattr(features, key).detach().cpu())
             if "image_ids" in batch:
                 parts["image_ids"].append(batch["image_ids"].cpu())
-    finally:
-        tuner.model.train(was_training)
     if not parts["image_tokens"]:
         raise ValueError("No batches to cache: the loader is empty.")
-    length = max(t.shape[1] for t in parts["text_tokens"])
-    tensors = {
-        "image_tokens": torch.cat(parts["image_tokens"]).float(),
-        "image_mask": torch.cat(parts["image_mask"]).long(),
-        "text_tokens": torch.cat([F.pad(t, (0, 0, 0, length - t.shape[1])) for t in parts["text_tokens"]]).float(),
-        "text_mask": torch.cat([F.pad(m, (0, length - m.shape[1])) for m in parts["text_mask"]]).long(),
-    }
+    tensors = {"image_tokens": torch.cat(parts["image_tokens"]).float(),
+               "image_mask": torch.cat(parts["image_mask"]).long(),
+               **padded_text(parts["text_tokens"], parts["text_mask"])}
     if parts["image_ids"]:
         tensors["image_ids"] = torch.cat(parts["image_ids"]).long()
     return write_features(tensors, path, {"base_model": str(getattr(tuner.model, "name_or_path", "")),

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pyarrow as pa
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
@@ -30,6 +29,8 @@ from ..altmoe.features import (
     CachedFeatures,
     FeatureConnector,
     cache_features,
+    padded_text,
+    towers_in_eval,
     write_features,
 )
 from ..atomic import exclusive_lock
@@ -127,11 +128,12 @@ def feature_signature(tuner) -> dict:
     return signature() if callable(signature) else {"method": type(tuner).__name__}
 
 
-def cache_key(tuner, collator, split, every_caption: bool) -> dict:
+def cache_key(tuner, collator, split, every_caption: bool, labelled: bool = False) -> dict:
     """Everything the cached features depend on: the method's feature extraction, the towers, the collator, the data
-    and the layout (every caption, or one row per example)."""
-    return {"format": FORMAT_VERSION, "features": feature_signature(tuner), "towers": towers_fingerprint(tuner),
-            "collator": collator_fingerprint(collator), "data": data_fingerprint(split), "every_caption": every_caption}
+    and the layout (every caption, or one row per example; ``labelled``: with its labels)."""
+    key = {"format": FORMAT_VERSION, "features": feature_signature(tuner), "towers": towers_fingerprint(tuner),
+           "collator": collator_fingerprint(collator), "data": data_fingerprint(split), "every_caption": every_caption}
+    return {**key, "labelled": True} if labelled else key
 
 
 @torch.no_grad()
@@ -140,23 +142,17 @@ def build_caption_cache(model: torch.nn.Module, split, collator, path: str | os.
     """Cache each image of ``split`` once and every caption of it (``text_rows`` names each caption's image)."""
     tuner = feature_tuner(model)
     pairs = CaptionPairs(split)
-    was_training = tuner.model.training
-    tuner.model.eval()
     parts = {"vision": [], "text": []}
-    try:
+    with towers_in_eval(tuner):
         for modality, rows in (("vision", split), ("text", pairs)):
             loader = DataLoader(rows, batch_size=batch_size, collate_fn=collator)
             for batch in tqdm(loader, desc=f"caching {modality} features", disable=not progress):
                 inputs = {k: v for k, v in batch.items() if k != "image_ids"}
                 tokens, mask = tuner.tower_tokens(modality, **inputs)
                 parts[modality].append((tokens.float().cpu(), mask.long().cpu(), batch.get("image_ids")))
-    finally:
-        tuner.model.train(was_training)
-    length = max(tokens.shape[1] for tokens, _, _ in parts["text"])
     tensors = {"image_tokens": torch.cat([t for t, _, _ in parts["vision"]]),
                "image_mask": torch.cat([m for _, m, _ in parts["vision"]]),
-               "text_tokens": torch.cat([F.pad(t, (0, 0, 0, length - t.shape[1])) for t, _, _ in parts["text"]]),
-               "text_mask": torch.cat([F.pad(m, (0, length - m.shape[1])) for _, m, _ in parts["text"]]),
+               **padded_text([t for t, _, _ in parts["text"]], [m for _, m, _ in parts["text"]]),
                "text_rows": pairs.rows}
     if all(ids is not None for _, _, ids in parts["vision"]):
         tensors["image_ids"] = torch.cat([ids for _, _, ids in parts["vision"]]).long()
@@ -169,10 +165,8 @@ def build_example_cache(model: torch.nn.Module, split, collator, path: str | os.
     """Cache one row per example of a labelled split: both towers' token features (``tower_tokens``), their masks, and
     the batch's ``labels`` (and ``task_ids``) as the collator gives them."""
     tuner = feature_tuner(model)
-    was_training = tuner.model.training
-    tuner.model.eval()
     parts = {key: [] for key in ("image_tokens", "image_mask", "text_tokens", "text_mask", *EXAMPLE_KEYS)}
-    try:
+    with towers_in_eval(tuner):
         # a loader of its own generator: building the cache draws nothing from the global RNG, so a run that builds
         # it draws the same random numbers (augmented views, dropout) as one that reads it or runs the towers
         loader = DataLoader(split, batch_size=batch_size, collate_fn=collator, generator=torch.Generator())
@@ -185,14 +179,10 @@ def build_example_cache(model: torch.nn.Module, split, collator, path: str | os.
             for key in EXAMPLE_KEYS:
                 if batch.get(key) is not None:
                     parts[key].append(torch.as_tensor(batch[key]).cpu())
-    finally:
-        tuner.model.train(was_training)
     if not parts["image_tokens"]:
         raise ValueError("No examples to cache: the split is empty.")
-    length = max(t.shape[1] for t in parts["text_tokens"])
     tensors = {"image_tokens": torch.cat(parts["image_tokens"]), "image_mask": torch.cat(parts["image_mask"]),
-               "text_tokens": torch.cat([F.pad(t, (0, 0, 0, length - t.shape[1])) for t in parts["text_tokens"]]),
-               "text_mask": torch.cat([F.pad(m, (0, length - m.shape[1])) for m in parts["text_mask"]])}
+               **padded_text(parts["text_tokens"], parts["text_mask"])}
     for key in EXAMPLE_KEYS:
         if parts[key]:
             values = torch.cat(parts[key])
@@ -207,9 +197,7 @@ def cached_split(model: torch.nn.Module, split, collator, name: str, every_capti
     lock) and written. ``every_caption``: each image once and all its captions; else caption 0 beside each image
     (``labelled``: one row per example, with its labels)."""
     tuner = feature_tuner(model)
-    key = cache_key(tuner, collator, split, every_caption)
-    if labelled:
-        key["labelled"] = True
+    key = cache_key(tuner, collator, split, every_caption, labelled)
     fingerprint = _digest(key)
     root = Path(cache_dir) if cache_dir is not None else default_feature_cache_dir()
     root.mkdir(parents=True, exist_ok=True)
