@@ -94,6 +94,11 @@ class TaskData:
     def num_labels(self) -> int:
         return len(self.label_names)
 
+    @property
+    def eval_split(self) -> str:
+        """The split a run evaluates on: ``validation`` where the task has one, else ``test``."""
+        return "validation" if "validation" in self.dataset else "test"
+
 
 __all__ = ["BAD_ROW_REASONS", "MALFORMED_LINE", "MULTI_LABEL", "RETRIEVAL", "SINGLE_LABEL", "SPLITS", "TASK_TYPES",
            "BadLine", "DataReport", "TaskData"]

@@ -206,7 +206,7 @@ def build_loaders(config: TrainConfig, task: TaskData, base, towers: tuple[str, 
     """Batches of the task for the base: feature tensors for a feature task, processed images and tokenized texts
     otherwise (one example per (image, caption) pair for retrieval: every caption of every image)."""
     train_split = task.dataset["train"]
-    eval_split = task.dataset["validation" if "validation" in task.dataset else "test"]
+    eval_split = task.dataset[task.eval_split]
     if towers is None:  # rows read as tensors, batched into features_a, features_b, labels
         collator = FeatureCollator()
         columns = [column for column in FEATURE_COLUMNS if column in train_split.column_names]

@@ -351,9 +351,9 @@ class Trainer:
         results = {k: round(float(v), 4) if isinstance(v, (float, np.floating)) else v for k, v in results.items()}
         model = accelerator.unwrap_model(self.model)
         if accelerator.is_main_process:
-            split = "validation" if "validation" in self.task.dataset else "test"
             plots = self.hooks.plots(model, evaluation, PlotTarget(self.output_dir / "adapter", config.method,
-                                                                   config.dataset, split, self.task.label_names))
+                                                                   config.dataset, self.task.eval_split,
+                                                                   self.task.label_names))
             card_metrics = {k: f"{v:.4f}" if isinstance(v, float) else v for k, v in results.items()}
             # best/ gets the same card as adapter/ (not PEFT's empty one), with the figures of the step it was kept at
             best_metrics = {**{k: v for k, v in card_metrics.items()
