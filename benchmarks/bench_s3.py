@@ -102,8 +102,10 @@ def main() -> None:
              *cost_table(args.rounds)]
     print("\n".join(lines))
     if not args.skip_sweep:
+        # the benchmark writes its results afresh: the previous run's sweep folder is replaced, not resumed
         config = SweepConfig(seeds=args.seeds, epochs=args.epochs, spurious_strength=args.spurious_strength,
-                             output_dir=str(Path(args.output).with_suffix("").as_posix() + "_sweep"))
+                             output_dir=str(Path(args.output).with_suffix("").as_posix() + "_sweep"),
+                             overwrite_output_dir=True)
         start = time.perf_counter()
         result = sparsity_sweep(config)
         minutes = (time.perf_counter() - start) / 60
